@@ -1,0 +1,300 @@
+"""Run configuration: one YAML file names the model, data, optimizer, LR schedule, pruning and
+DeepSpeed settings. It is validated completely (pydantic, unknown keys forbidden, datasets looked
+up on disk, model arguments checked against the model's signature) before any work starts; every
+problem becomes one `ConfigError` line.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CRITERIA = ("random", "l2", "activation", "projective", "cob", "cosep", "fold")
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; its message is a single line meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelConfig(_Strict):
+    """`name`: a model class of secateur.models (e.g. VGGTSRA, MLP, TinyTransformer; case and
+    underscores ignored). `args`: its constructor arguments; input channels/features, class count
+    and vocabulary size are filled in from the dataset when left out."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    """Dataset and batching. `batch_size` is the micro-batch of one rank."""
+
+    dataset: Literal["fashion_mnist", "mnist", "digits", "text", "cifar10"]
+    root: str | None = None          # fashion_mnist / cifar10 folder
+    path: str | None = None          # text corpus file ("kjv" or unset: the Debian KJV text)
+    train_subset: Annotated[int, Field(gt=0)] | None = None
+    val_subset: Annotated[int, Field(gt=0)] | None = None
+    subset_seed: int = 0
+    batch_size: Annotated[int, Field(gt=0)] = 64
+    eval_batch_size: Annotated[int, Field(gt=0)] = 256
+    block_size: Annotated[int, Field(gt=0)] = 64     # text windows
+
+
+class OptimizerConfig(_Strict):
+    """A torch optimizer handed to deepspeed.initialize (no DeepSpeed optimizer ops are built).
+    Weight decay applies to tensors with >= 2 dims only (not biases)."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0   # 0 disables clipping
+
+
+class LRScheduleConfig(_Strict):
+    """Linear warm-up to optimizer.lr, then cosine decay to min_lr at decay_steps (default
+    max_steps). A pure function of the step, so it continues across engine rebuilds and resumes."""
+
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    decay_steps: Annotated[int, Field(gt=0)] | None = None
+
+
+class RatioRule(_Strict):
+    """Remove floor(ratio * width) units per event: per layer, per TSRA subspace, or globally
+    across layers (lowest normalised scores)."""
+
+    kind: Literal["ratio"]
+    ratio: float
+    scope: Literal["global", "per_layer", "per_subspace"] = "per_layer"
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, v: float) -> float:
+        if not (0.0 <= v < 1.0):
+            raise ValueError(f"ratio must be in [0, 1), got {v}")
+        return v
+
+
+class ThresholdRule(_Strict):
+    """Remove every unit whose importance is below a cutoff: value * max / mean / median of the
+    layer's importances, or a z-score below value."""
+
+    kind: Literal["threshold"]
+    method: Literal["prop_of_max", "prop_of_avg", "prop_of_med", "zscore"]
+    value: float
+    scope: Literal["per_layer", "per_subspace"] = "per_layer"
+
+    @model_validator(mode="after")
+    def _keeps_some_units(self) -> "ThresholdRule":
+        if not math.isfinite(self.value):
+            raise ValueError(f"threshold value must be finite, got {self.value}")
+        if self.method == "prop_of_max" and not 0.0 <= self.value < 1.0:
+            raise ValueError(f"prop_of_max must be in [0, 1) (a cutoff of {self.value} x max would "
+                             "remove every unit)")
+        if self.method in ("prop_of_avg", "prop_of_med") and self.value < 0:
+            raise ValueError(f"{self.method} must be >= 0, got {self.value}")
+        return self
+
+
+class OneshotSchedule(_Strict):
+    kind: Literal["oneshot"]
+    at: Annotated[int, Field(ge=1)]
+
+
+class IterativeSchedule(_Strict):
+    """A pruning event every `every` steps from `start` to `end` (inclusive)."""
+
+    kind: Literal["iterative"]
+    start: Annotated[int, Field(ge=1)]
+    end: Annotated[int, Field(ge=1)]
+    every: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IterativeSchedule":
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        return self
+
+
+class AGPSchedule(_Strict):
+    """Automated gradual pruning: events every `every` steps from `start` to `end`, removing
+    units so that the pruned fraction of each group follows the cubic ramp to `target`."""
+
+    kind: Literal["agp"]
+    start: Annotated[int, Field(ge=1)]
+    end: Annotated[int, Field(ge=1)]
+    every: Annotated[int, Field(ge=1)]
+    target: float
+
+    @model_validator(mode="after")
+    def _valid(self) -> "AGPSchedule":
+        if self.end < self.start:
+            raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
+        if not 0.0 <= self.target < 1.0:
+            raise ValueError(f"target must be in [0, 1), got {self.target}")
+        return self
+
+
+Rule = Annotated[Union[RatioRule, ThresholdRule], Field(discriminator="kind")]
+Schedule = Annotated[Union[OneshotSchedule, IterativeSchedule, AGPSchedule], Field(discriminator="kind")]
+
+
+class PruningConfig(_Strict):
+    criterion: Literal[CRITERIA]  # type: ignore[valid-type]
+    criterion_args: dict[str, Any] = Field(default_factory=dict)
+    rule: Rule = Field(default_factory=lambda: RatioRule(kind="ratio", ratio=0.0))
+    schedule: Schedule
+    min_units: Annotated[int, Field(ge=1)] = 1
+
+
+class TrainConfig(_Strict):
+    max_steps: Annotated[int, Field(gt=0)]
+    eval_interval: Annotated[int, Field(gt=0)] = 100
+    eval_batches: Annotated[int, Field(gt=0)] | None = None     # None: the whole val split
+    checkpoint_interval: Annotated[int, Field(gt=0)] | None = None  # None: events + end only
+    checkpoint_at_prune: bool = True
+    keep_checkpoints: Annotated[int, Field(gt=0)] = 3
+    deterministic: bool = False      # torch.use_deterministic_algorithms, for exact resume
+    threads: Annotated[int, Field(gt=0)] | None = None   # torch threads per rank
+    progress: bool = True            # tqdm bar on rank 0
+    verify_ranks: bool = True        # after each event, check all ranks hold the same weights
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: int = 0
+    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
+    extra: dict[str, Any] = Field(default_factory=dict)   # more DeepSpeed JSON keys, merged in
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _supported_stage(cls, v: int) -> int:
+        if v == 3:
+            raise ValueError("ZeRO stage 3 is not supported: pruning surgery needs whole "
+                             "parameters on every rank; use stage 0, 1 or 2")
+        if v not in SUPPORTED_ZERO_STAGES:
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got {v}")
+        return v
+
+    @field_validator("extra")
+    @classmethod
+    def _no_conflicts(cls, v: dict) -> dict:
+        owned = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                 "zero_optimization", "optimizer", "scheduler", "gradient_clipping"}
+        clash = sorted(owned & set(v))
+        if clash:
+            raise ValueError(f"set {', '.join(clash)} through the config's own keys, not deepspeed.extra")
+        return v
+
+
+class Config(_Strict):
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    pruning: PruningConfig | None = None
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+
+_UNION_TAGS = {"ratio", "threshold", "oneshot", "iterative", "agp"}
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        # drop the tag pydantic inserts for discriminated unions (pruning.rule.ratio.ratio)
+        raw = [str(p) for p in e["loc"]]
+        loc = ".".join(p for i, p in enumerate(raw)
+                       if not (i > 0 and raw[i - 1] in ("rule", "schedule") and p in _UNION_TAGS))
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "missing":
+            parts.append(f"missing key '{loc}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "config") -> Config:
+    """Validate a mapping (parsed YAML) into a Config. Raises ConfigError (one line)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file (schema only; see `check_config` for the rest)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    return parse_config(data, str(path))
+
+
+def resolve_model_class(name: str) -> type:
+    """The secateur.models class called `name` (case and underscores ignored)."""
+    import secateur.models as models
+
+    key = name.replace("_", "").lower()
+    for attr in dir(models):
+        obj = getattr(models, attr)
+        if inspect.isclass(obj) and attr.replace("_", "").lower() == key and hasattr(obj, "spec"):
+            return obj
+    known = sorted(a for a in dir(models) if inspect.isclass(getattr(models, a))
+                   and hasattr(getattr(models, a), "spec"))
+    raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(known)}")
+
+
+def check_config(cfg: Config, source: str = "config") -> None:
+    """Checks beyond the schema: the dataset is on disk, the model exists and accepts its
+    arguments, the schedule fits in max_steps. Raises ConfigError (one line)."""
+    from secateur.data import DataError, check_available
+
+    try:
+        check_available(cfg.data.dataset, cfg.data.root, cfg.data.path)
+    except DataError as err:
+        raise ConfigError(f"{source}: data: {err}") from None
+    cls = resolve_model_class(cfg.model.name)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(cfg.model.args) - set(params))
+        if unknown:
+            raise ConfigError(f"{source}: model.args: {cls.__name__} has no argument "
+                              f"{', '.join(repr(u) for u in unknown)}")
+    ds = cfg.deepspeed
+    if cfg.pruning is not None:
+        sched = cfg.pruning.schedule
+        first = sched.at if sched.kind == "oneshot" else sched.start
+        if first > cfg.train.max_steps:
+            raise ConfigError(f"{source}: pruning.schedule starts at step {first}, after "
+                              f"train.max_steps ({cfg.train.max_steps})")
+    if ds.extra.get("fp16", {}).get("enabled") or ds.extra.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{source}: deepspeed.extra: fp16/bf16 training is not supported "
+                          "(optimizer-state surgery assumes fp32 parameters)")
+
+
+def load_and_check(path: str | Path) -> Config:
+    """`load_config` then `check_config`: everything that can be checked before training."""
+    cfg = load_config(path)
+    check_config(cfg, str(path))
+    return cfg
