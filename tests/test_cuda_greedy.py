@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -46,6 +47,22 @@ def bruteforce_greedy(W: torch.Tensor, r: int, lam: float) -> tuple[list[int], l
         order.append(alive.pop(a))
         dist.append(float(d[a]))
     return order, dist
+
+
+def closed_form_greedy(W: torch.Tensor, r: int, lam: float) -> list[int]:
+    """Greedy removal with the closed-form scores (METHODS.md C.1) from a fresh inverse of
+    the reduced Gram matrix every step (no downdates); runs on W's device in float64."""
+    W = W.double()
+    alive = torch.arange(W.shape[0], device=W.device)
+    order = []
+    for _ in range(r):
+        Wa = W[alive]
+        H = torch.linalg.inv(Wa @ Wa.T + lam * torch.eye(len(alive), dtype=W.dtype, device=W.device))
+        h = H.diagonal()
+        a = int(torch.argmin(1 / h - lam * (H * H).sum(0) / h**2))
+        order.append(int(alive[a]))
+        alive = torch.cat([alive[:a], alive[a + 1 :]])
+    return order
 
 
 def emulate_kernel(H: np.ndarray, r: int, lam: float, grid: int = 1, warps: int = 8) -> tuple[list[int], np.ndarray]:
@@ -91,7 +108,7 @@ def inverse_gram(W: torch.Tensor, lam: float) -> np.ndarray:
 CASES = [  # (n, m, lam, r, seed): tall, wide (lam > 0 needed), lam = 0, several lambdas
     (10, 16, 1e-3, 9, 0),
     (12, 8, 1e-3, 11, 1),
-    (9, 20, 0.0, 8, 2),
+    (9, 20, 0.0, 9, 2),  # r = n: down to the last row
     (11, 11, 0.1, 10, 3),
     (14, 30, 10.0, 12, 4),
 ]
@@ -133,6 +150,12 @@ def test_kernel_algorithm_matches_bruteforce(n, m, lam, r, seed):
     for grid, warps in [(1, 8), (3, 2), (2, 1)]:  # the order must not depend on the launch shape
         order, _ = emulate_kernel(H, r, lam, grid, warps)
         assert order == expected, (grid, warps)
+
+
+def test_closed_form_oracle_agrees_with_ridge_oracle():
+    for n, m, lam, r, seed in CASES:
+        W = random_w(n, m, seed)
+        assert closed_form_greedy(W, r, lam) == bruteforce_greedy(W, r, lam)[0]
 
 
 def test_masked_downdate_is_inverse_of_reduced_matrix():
@@ -311,6 +334,37 @@ def test_kernel_source_on_host_threads_float32_ties(host_kernel):
 # ---------------------------------------------------------------------------------------
 # Python wrapper behaviour that needs no GPU
 # ---------------------------------------------------------------------------------------
+def test_wrapper_feeds_padded_inverse_to_kernel(monkeypatch, host_kernel):
+    """Everything but the CuPy launch itself, on CPU: validation, H = (W W^T + lam I)^-1
+    padded to ld, dtype choice, the returned order and distances (launch = host-thread run)."""
+    seen = {}
+
+    def host_launch(cupy, H, n, ld, r, lam):
+        seen.update(dtype=H.dtype, ld=ld)
+        assert H.shape == (n, ld) and ld % gp.LD_MULTIPLE == 0 and not H[:, n:].any()
+        order, dist2 = host_kernel(H[:, :n].numpy(), r, lam, grid=2, ld=ld)
+        return torch.tensor(order, dtype=torch.int32), torch.from_numpy(dist2.copy())
+
+    monkeypatch.setattr(gp, "_launch", host_launch)
+    monkeypatch.setattr(gp, "_cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True)))
+    monkeypatch.setattr(gp, "_as_torch_cuda", lambda W: W)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    n, m, lam, r, seed = CASES[0]
+    W = random_w(n, m, seed)
+    expected, dist = bruteforce_greedy(W, r, lam)
+    order, d = gp.greedy_order_cuda(W.reshape(n, 4, m // 4), r, lam, return_dist=True)
+    assert order.dtype == torch.long and order.tolist() == expected
+    torch.testing.assert_close(d, torch.tensor(dist, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+    assert seen == {"dtype": torch.float64, "ld": 32}
+    assert gp.greedy_order_cuda(W.float(), r, lam).tolist() == expected  # float32 working copy
+    assert seen["dtype"] == torch.float32
+    assert gp.greedy_order_cuda(W, 0, lam).numel() == 0
+    with pytest.raises(ValueError, match="r must be in"):
+        gp.greedy_order_cuda(W, n + 1, lam)
+    with pytest.raises(ValueError, match="lam > 0"):
+        gp.greedy_order_cuda(W[:, :4], 2, 0.0)  # 10 rows in 4 dims: singular without ridge
+
+
 def test_greedy_order_cuda_without_gpu_raises_runtime_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA GPU"):
@@ -360,10 +414,11 @@ def test_greedy_order_cuda_matches_bruteforce_on_gpu():
             assert float(d_alive[alive.index(i)]) <= float(d_alive.min()) * (1 + 1e-3) + 1e-5
             alive.remove(i)
 
-    # A layer large enough for a multi-block grid, and exact ties (W = 2I -> 0, 1, 2, ...).
-    W = random_w(300, 400, 7)
-    expected, _ = bruteforce_greedy(W, 4, 1e-3)
-    assert gp.greedy_order_cuda(W.cuda(), 4, 1e-3).tolist() == expected
+    # A layer large enough for a multi-block grid (75 blocks of 8 row-owning warps), and
+    # exact ties (W = 2I: every score equal, so the order is 0, 1, 2, ...).
+    W = random_w(600, 800, 7).cuda()
+    expected = closed_form_greedy(W, 40, 1e-3)
+    assert gp.greedy_order_cuda(W, 40, 1e-3).tolist() == expected
     eye = 2.0 * torch.eye(700, dtype=torch.float64, device="cuda")
     assert gp.greedy_order_cuda(eye, 50, 1e-3).tolist() == list(range(50))
     assert gp.greedy_order_cuda(eye, 0).numel() == 0

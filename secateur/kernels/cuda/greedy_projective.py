@@ -12,6 +12,8 @@ compile-checking the kernel needs it (``pip install secateur[cuda]``).
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,35 @@ def _module(device_index: int) -> Any:
         return cupy.RawModule(code=source(), enable_cooperative_groups=True)
 
 
+def _cupy_stream(cupy: Any, dev: torch.device) -> Any:
+    # Launch on torch's current stream so the kernel is ordered after the torch ops making H.
+    stream = torch.cuda.current_stream(dev)
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, dev.index)
+
+
+def _launch(cupy: Any, H: torch.Tensor, n: int, ld: int, r: int, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cooperative launch over H (n, ld) in place; returns order int32 (r,), dist2 float64 (r,)."""
+    dev = H.device
+    order = torch.empty(r, dtype=torch.int32, device=dev)
+    dist2 = torch.empty(r, dtype=torch.float64, device=dev)
+    alive = torch.empty(n, dtype=torch.int8, device=dev)
+    with torch.cuda.device(dev), cupy.cuda.Device(dev.index), _cupy_stream(cupy, dev):
+        kernel = _module(dev.index).get_function(KERNEL_NAMES[H.dtype])
+        n_sm = cupy.cuda.Device(dev.index).attributes["MultiProcessorCount"]
+        # At most one block per SM (always co-resident) and no block without rows.
+        grid = max(1, min(n_sm, -(-n // (BLOCK // 32))))
+        part_score = torch.empty(2 * grid, dtype=torch.float64, device=dev)
+        part_index = torch.empty(2 * grid, dtype=torch.int32, device=dev)
+        barrier = torch.zeros(2, dtype=torch.int32, device=dev)
+        bufs = [cupy.from_dlpack(t) for t in (H, order, dist2, alive, part_score, part_index)]
+        bar = cupy.from_dlpack(barrier).view(cupy.uint32)
+        scalars = (np.int32(n), np.int32(ld), np.int32(r), np.float64(lam))
+        kernel((grid,), (BLOCK,), (bufs[0], *scalars, *bufs[1:], bar))
+    return order, dist2
+
+
 def _as_torch_cuda(W: Any) -> torch.Tensor:
     if not isinstance(W, torch.Tensor):
         cupy = _cupy()
@@ -91,7 +122,7 @@ def greedy_order_cuda(
     """
     if not isinstance(r, (int, np.integer)) or isinstance(r, bool):
         raise ValueError(f"r must be an int, got {type(r).__name__}")
-    if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam >= 0):
+    if not (isinstance(lam, numbers.Real) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite float >= 0, got {lam!r}")
     if dtype is not None and dtype not in KERNEL_NAMES:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -112,8 +143,9 @@ def greedy_order_cuda(
         empty = torch.empty(0, dtype=torch.long, device=dev)
         return (empty, torch.empty(0, dtype=torch.float64, device=dev)) if return_dist else empty
 
-    # H = (W W^T + lam I)^-1 through Cholesky; symmetrised so H_kj == H_jk bitwise.
-    W = W.to(dtype)
+    # H = (W W^T + lam I)^-1 in float64 (no TF32, stable Cholesky), symmetrised so that
+    # H_kj == H_jk bitwise; only the downdates run in the working precision.
+    W = W.double()
     G = W @ W.mT
     G.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(G)
@@ -125,29 +157,9 @@ def greedy_order_cuda(
     Hs = torch.cholesky_inverse(L)
     ld = -(-n // LD_MULTIPLE) * LD_MULTIPLE
     H = torch.zeros(n, ld, dtype=dtype, device=dev)
-    H[:, :n] = 0.5 * (Hs + Hs.mT)
+    H[:, :n] = (0.5 * (Hs + Hs.mT)).to(dtype)
 
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev)
-        with cupy.cuda.Device(dev.index), cupy.cuda.ExternalStream(stream.cuda_stream, dev.index):
-            kernel = _module(dev.index).get_function(KERNEL_NAMES[dtype])
-            n_sm = cupy.cuda.Device(dev.index).attributes["MultiProcessorCount"]
-            # One block per SM at most (always co-resident), and no block without rows.
-            grid = max(1, min(n_sm, -(-n // (BLOCK // 32))))
-            order = torch.empty(r, dtype=torch.int32, device=dev)
-            dist2 = torch.empty(r, dtype=torch.float64, device=dev)
-            alive = torch.empty(n, dtype=torch.int8, device=dev)
-            part_score = torch.empty(2 * grid, dtype=torch.float64, device=dev)
-            part_index = torch.empty(2 * grid, dtype=torch.int32, device=dev)
-            barrier = torch.zeros(2, dtype=torch.int32, device=dev)
-            args = [cupy.from_dlpack(t) for t in (H, order, dist2, alive, part_score, part_index)]
-            bar = cupy.from_dlpack(barrier).view(cupy.uint32)
-            kernel(
-                (grid,),
-                (BLOCK,),
-                (args[0], np.int32(n), np.int32(ld), np.int32(r), np.float64(lam),
-                 args[1], args[2], args[3], args[4], args[5], bar),
-            )
+    order, dist2 = _launch(cupy, H, n, ld, r, lam)
     order = order.long()
     if return_dist:
         return order, dist2.clamp_min(0).sqrt()
