@@ -8,7 +8,7 @@
 // M = G + lam*I. Keep the invariant H[A, A] == (M[A, A])^-1.
 //  * Score of alive k:  d_k^2 = 1/H_kk - lam * sum_{j in A} H_kj^2 / H_kk^2
 //                             = (H_kk - lam * s_k) / H_kk^2,
-//    the ridge residual of row k regressed on the other alive rows.
+//    the squared ridge residual of row k regressed on the other alive rows.
 //  * Remove i = argmin d^2 (ties -> smallest index).
 //  * Downdate: for A' = A \ {i}, block inversion (Schur complement of the
 //    1x1 block H_ii) gives
