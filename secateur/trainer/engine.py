@@ -92,14 +92,22 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (fp32, torch optimizer, quiet logging)."""
+def deepspeed_config(cfg: Config, world_size: int, num_params: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (fp32, torch optimizer, quiet logging).
+
+    num_params sizes the ZeRO communication buckets: DeepSpeed's default (5e8 elements) makes it
+    allocate and clear gigabyte buffers every step, which dominates small models on CPU.
+    """
     ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0 and num_params is not None:
+        bucket = int(min(5e8, max(2**20, num_params)))
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     out = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "train_batch_size": cfg.data.batch_size * ds.gradient_accumulation_steps * world_size,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

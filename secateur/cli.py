@@ -1,0 +1,221 @@
+"""Command line: `secateur train|resume|prune|export|report|bench`.
+
+Launch `train` as one process, or one process per rank with `torchrun --nproc_per_node N` or
+`deepspeed --num_gpus N` (the launcher's --local_rank is accepted anywhere on the line). Bad
+configs, missing data and unusable run directories end with one `error: ...` line on stderr and
+exit code 2, before any training work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from secateur.trainer.export import LOAD_SNIPPET
+
+EXIT_USAGE = 2
+
+
+def _strip_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
+    """Remove `--local_rank N` / `--local_rank=N` (added by the deepspeed launcher) from argv."""
+    out, local_rank, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            local_rank = int(arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            local_rank = int(argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out, local_rank
+
+
+def _default_env() -> None:
+    # quiet, predictable defaults; a user's own settings win
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
+    cache = Path.cwd() / ".cache" / "torch_extensions"
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and cache.is_dir():
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool) -> int:
+    from secateur.trainer.engine import init_distributed, shutdown_distributed
+    from secateur.trainer.loop import Trainer, format_summary
+
+    info = init_distributed(local_rank)
+    try:
+        trainer = Trainer(cfg, run_dir, info, resume=resume)
+        summary = trainer.train()
+        trainer.close()
+    except BaseException:
+        # no barrier: the other ranks may never reach it
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    shutdown_distributed()
+    if info.is_main:
+        print(format_summary(summary), flush=True)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, local_rank: int | None) -> int:
+    from secateur.trainer.config import load_and_check
+
+    cfg = load_and_check(args.config)
+    if args.max_steps is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.max_steps})})
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    return _run_training(cfg, out, local_rank, resume=False)
+
+
+def cmd_resume(args: argparse.Namespace, local_rank: int | None) -> int:
+    from secateur.trainer import checkpoint as ckpt
+    from secateur.trainer.config import load_and_check
+
+    run_dir = Path(args.run_dir)
+    ckpt.latest(run_dir)                          # fail early, with one line, if nothing to resume
+    cfg = load_and_check(run_dir / "config.yaml")
+    if args.max_steps is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.max_steps})})
+    return _run_training(cfg, run_dir, local_rank, resume=True)
+
+
+def cmd_prune(args: argparse.Namespace, local_rank: int | None) -> int:
+    from secateur.trainer.config import ConfigError, RatioRule, ThresholdRule
+    from secateur.trainer.oneshot import prune_run
+
+    if (args.ratio is None) == (args.threshold is None):
+        raise ConfigError("give exactly one of --ratio R or --threshold METHOD=VALUE")
+    try:
+        if args.ratio is not None:
+            rule = RatioRule(kind="ratio", ratio=args.ratio, scope=args.scope or "per_layer")
+        else:
+            method, _, value = args.threshold.partition("=")
+            rule = ThresholdRule(kind="threshold", method=method, value=float(value),
+                                 scope=args.scope or "per_layer")
+    except Exception as err:  # pydantic ValidationError or float(): one line for the user
+        msg = getattr(err, "errors", None)
+        text = msg()[0]["msg"].removeprefix("Value error, ") if callable(msg) else str(err)
+        raise ConfigError(f"bad pruning rule: {text}") from None
+    crit_args = json.loads(args.criterion_args) if args.criterion_args else {}
+    s = prune_run(args.run_dir, args.out, args.criterion, rule, calib_batches=args.calib_batches,
+                  min_units=args.min_units, criterion_args=crit_args, eval_batches=args.eval_batches)
+    changed = ", ".join(f"{n} {b}->{a}" for n, b, a in s["groups"] if a != b) or "no group shrank"
+    print(f"pruned {args.run_dir} with {args.criterion}: params {s['params_before']:,} -> "
+          f"{s['params_after']:,} ({100 * s['params_after'] / s['params_before']:.1f}%), val acc "
+          f"{s['acc_before']:.4f} -> {s['acc_after']:.4f}\n  {changed}\n  written to {s['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, local_rank: int | None) -> int:
+    from secateur.trainer.export import export_run
+
+    out = export_run(args.run_dir, args.out)
+    print(f"exported {out}/model.json and {out}/model.safetensors; load with:\n")
+    print(LOAD_SNIPPET.format(dir=out))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, local_rank: int | None) -> int:
+    from secateur.trainer.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"wrote {path} and {path.parent / 'plots'}/*.png")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, local_rank: int | None) -> int:
+    if args.suite == "kernels":
+        from secateur.kernels.bench import main as bench_main   # imported only when asked for
+
+        rc = bench_main(args.rest)
+        return int(rc or 0)
+    raise AssertionError(args.suite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secateur", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train (and prune) a model from a YAML config")
+    t.add_argument("--config", required=True, help="run config (YAML)")
+    t.add_argument("--out", help="run directory (default runs/<config name>); a fresh run "
+                                 "replaces what an earlier run wrote there")
+    t.add_argument("--max-steps", type=int, help="override train.max_steps")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("resume", help="continue a run from its latest checkpoint")
+    r.add_argument("run_dir")
+    r.add_argument("--max-steps", type=int, help="train to this step instead (e.g. to fine-tune "
+                                                 "a `secateur prune` result)")
+    r.set_defaults(func=cmd_resume)
+
+    pr = sub.add_parser("prune", help="one-shot prune or fold a run's latest checkpoint")
+    pr.add_argument("run_dir")
+    pr.add_argument("--out", required=True, help="new run directory for the pruned model")
+    pr.add_argument("--criterion", required=True,
+                    choices=["random", "l2", "activation", "projective", "cob", "cosep", "fold"])
+    pr.add_argument("--ratio", type=float, help="fraction of units to remove, in [0, 1)")
+    pr.add_argument("--threshold", metavar="METHOD=VALUE",
+                    help="prop_of_max|prop_of_avg|prop_of_med|zscore cutoff, e.g. prop_of_max=0.1")
+    pr.add_argument("--scope", choices=["global", "per_layer", "per_subspace"])
+    pr.add_argument("--calib-batches", type=int, default=8,
+                    help="training batches used for calibration statistics (default 8)")
+    pr.add_argument("--min-units", type=int, default=1)
+    pr.add_argument("--criterion-args", help="JSON object of extra criterion arguments")
+    pr.add_argument("--eval-batches", type=int, help="limit the before/after validation")
+    pr.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("export", help="write architecture JSON + safetensors weights",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Export the latest checkpoint of RUN_DIR as OUT/model.json (the "
+                                   "architecture, pruned widths included) and OUT/model.safetensors."
+                                   "\n\nLoad it anywhere secateur is installed:\n\n"
+                                   + LOAD_SNIPPET.format(dir="OUT"))
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    e.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("report", help="plots (PNG) and report.md of a run")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="benchmarks: `secateur bench kernels [ARGS...]`")
+    b.add_argument("suite", choices=["kernels"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the suite")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `secateur` command (and `python -m secateur`)."""
+    argv, local_rank = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    _default_env()
+    from secateur.data import DataError
+    from secateur.trainer.checkpoint import CheckpointError
+    from secateur.trainer.config import ConfigError
+
+    try:
+        return args.func(args, local_rank)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_USAGE

@@ -1,0 +1,85 @@
+"""`secateur prune`: one-shot pruning or folding of a run's latest checkpoint, no training.
+
+Calibration batches come from the run's own training data (its config is inside the checkpoint);
+the result is a new run directory whose checkpoint holds the pruned architecture and weights,
+ready for `secateur export`, or `secateur resume NEW_DIR --max-steps N` to fine-tune it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from secateur.trainer import checkpoint as ckpt
+from secateur.trainer.config import (OneshotSchedule, PruningConfig, RatioRule, ThresholdRule,
+                                     check_config, parse_config)
+from secateur.trainer.loop import seed_everything
+from secateur.trainer.setup import dataset_from_config, eval_totals, param_count, pruner_from_config
+
+
+def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
+              rule: RatioRule | ThresholdRule, calib_batches: int = 8, min_units: int = 1,
+              criterion_args: dict[str, Any] | None = None, eval_batches: int | None = None,
+              seed: int = 0) -> dict[str, Any]:
+    """Prune the latest checkpoint of `run_dir` once and write the result to `out_dir`.
+
+    calib_batches: training batches (data.batch_size each, in file order) fed through the model
+    in eval mode to collect the criterion's statistics. Returns a summary dict
+    (params and validation accuracy before/after, per-group widths).
+    """
+    if calib_batches < 1:
+        raise ValueError(f"calib_batches must be >= 1, got {calib_batches}")
+    src = ckpt.latest(run_dir)
+    model, meta = ckpt.load_model(src)
+    cfg = parse_config(meta["config"], f"{src}/meta.json")
+    check_config(cfg, f"{src}/meta.json")
+    pcfg = PruningConfig(criterion=criterion, criterion_args=criterion_args or {}, rule=rule,
+                         schedule=OneshotSchedule(kind="oneshot", at=max(1, int(meta["step"]))),
+                         min_units=min_units)
+    seed_everything(seed)
+    ds = dataset_from_config(cfg)
+    val_idx = torch.arange(len(ds.val))
+    bs = cfg.data.eval_batch_size
+
+    def accuracy() -> float:
+        t = eval_totals(model, ds.val, val_idx, bs, eval_batches)
+        return t[1].item() / max(t[2].item(), 1.0)
+
+    acc_before, params_before = accuracy(), param_count(model)
+    pruner = pruner_from_config(pcfg, model, ds.val.x[:2])
+    t0 = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for b in range(calib_batches):
+            idx = torch.arange(b * cfg.data.batch_size, (b + 1) * cfg.data.batch_size) % len(ds.train)
+            x, y = ds.train.batch(idx)
+            if pruner.needs_targets:
+                pruner.observe_targets(y)
+            model(x)
+    report = pruner.prune(None)
+    seconds = time.perf_counter() - t0
+    acc_after, params_after = accuracy(), param_count(model)
+    groups = [(str(n), int(b), int(a)) for n, b, a in report]
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    new_cfg = cfg.model_copy(update={"pruning": None})
+    (out / "config.yaml").write_text(yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
+    step = int(meta["step"])
+    ckpt.write_weights_checkpoint(out, step, model, {
+        "step": step, "spec": model.spec(), "config": new_cfg.model_dump(mode="json"),
+        "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
+        "source": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
+                                        "calib_batches": calib_batches}})
+    summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
+               "params_before": params_before, "params_after": params_after,
+               "acc_before": acc_before, "acc_after": acc_after, "groups": groups, "seconds": seconds}
+    with open(out / "events.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "prune", "step": step, "time": time.time(), "oneshot": True,
+                            "params_before": params_before, "params_after": params_after,
+                            "groups": groups, "seconds": seconds}) + "\n")
+    return summary
