@@ -54,7 +54,7 @@ def _cuda() -> bool:
 
 
 def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool) -> int:
-    from secateur.trainer.engine import init_distributed, shutdown_distributed
+    from secateur.trainer.engine import destroy_process_group, init_distributed, shutdown_distributed
     from secateur.trainer.loop import Trainer, format_summary
 
     info = init_distributed(local_rank)
@@ -63,11 +63,7 @@ def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool) -> i
         summary = trainer.train()
         trainer.close()
     except BaseException:
-        # no barrier: the other ranks may never reach it
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_process_group()            # no barrier: the other ranks may never reach it
         raise
     shutdown_distributed()
     if info.is_main:

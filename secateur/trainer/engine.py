@@ -72,6 +72,18 @@ def shutdown_distributed() -> None:
     """Every entry point ends here: a barrier, then the process group is destroyed."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Destroy the default group, through DeepSpeed when it is in use so that it also drops its
+    cached sub-groups (a later run in the same process then starts clean)."""
+    import sys
+
+    dscomm = sys.modules.get("deepspeed.comm.comm")
+    if dscomm is not None and getattr(dscomm, "cdb", None) is not None:
+        dscomm.destroy_process_group()
+    elif dist.is_initialized():
         dist.destroy_process_group()
 
 

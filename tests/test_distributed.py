@@ -1,0 +1,45 @@
+"""Two CPU ranks (torchrun, gloo): after every pruning event both ranks hold the same architecture
+and bit-identical weights, although each rank sees different data."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from secateur.trainer import checkpoint as ckpt
+from test_trainer import tiny_config, write_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_two_ranks_agree_on_architecture_and_weights_after_each_event(stage, tmp_path):
+    cfg = tiny_config(deepspeed={"zero_stage": stage},
+                      train={"max_steps": 36, "checkpoint_interval": None, "eval_interval": 12})
+    config, run = write_config(tmp_path / "cfg.yaml", cfg), tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*torchrun, "-m", "secateur", "train", "--config", str(config), "--out", str(run)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ranks = [[json.loads(line) for line in (run / "ranks" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    assert [e["step"] for e in ranks[0]] == [10, 20, 30]
+    assert ranks[0] == ranks[1]                     # same widths, params and weight digests
+    widths = [e["widths"] for e in ranks[0]]
+    for prev, nxt in zip(widths, widths[1:]):
+        assert all(nxt[g] == prev[g] - int(0.25 * prev[g]) for g in prev)
+    # the final checkpoint holds both ranks' states and the pruned architecture
+    final = ckpt.latest(run)
+    assert (final / "rank0.pt").is_file() and (final / "rank1.pt").is_file()
+    meta = ckpt.read_meta(final)
+    assert meta["world_size"] == 2 and meta["widths"] == widths[-1]
+    assert "run finished" in proc.stdout
