@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU wheel by default; on a CUDA machine: make test TORCH_SPEC="torch==2.13.0 --index-url ..."
 # or pre-install your torch build in .venv and pass TORCH_SPEC=torch.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,equivariant
+EXTRAS ?= dev,equivariant,cuda
 CACHE := $(CURDIR)/.cache
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 

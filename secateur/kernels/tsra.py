@@ -1,0 +1,119 @@
+"""Two-subspace radial activation (logistic TSRA, METHODS A.1) as one autograd node.
+
+Channels split into U = [0, split) and V = [split, C). At each position (all other axes),
+    r = |x_U| / (|x| + eps),  g_U = sigmoid(a (r - b_u)),  g_V = sigmoid(a (r - b_v)),
+    out = [g_U x_U, g_V x_V].
+The gains depend only on the two subspace norms, so tsra(R x) = R tsra(x) for any block-diagonal
+orthogonal R: the property change-of-basis pruning needs. Being a single autograd Function also
+lets Torch-Pruning's DependencyGraph treat it as a channel pass-through.
+
+With `stats` (fp32 (C,)) the forward also adds the per-channel sum of out**2: activation-magnitude
+importance at no extra launch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from secateur.kernels._backend import backend_for, channel_dim, reduce_dims
+
+
+def _gains(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float, eps: float):
+    """Per-position gains g_U, g_V and the pieces the backward needs (fp32 or wider)."""
+    xu, xv = x.narrow(dim, 0, split), x.narrow(dim, split, x.shape[dim] - split)
+    su2 = xu.square().sum(dim, keepdim=True)
+    sv2 = xv.square().sum(dim, keepdim=True)
+    su, s = su2.sqrt(), (su2 + sv2).sqrt()
+    r = su / (s + eps)
+    gu = torch.sigmoid(a * (r - b_u))
+    gv = torch.sigmoid(a * (r - b_v))
+    return gu, gv, su, s
+
+
+def tsra_forward_reference(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
+                           eps: float) -> Tensor:
+    """The TSRA output, computed in fp32 (float64 stays float64), returned in x's dtype."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    gu, gv, _, _ = _gains(xf, dim, split, a, b_u, b_v, eps)
+    c = x.shape[dim]
+    out = torch.cat([xf.narrow(dim, 0, split) * gu, xf.narrow(dim, split, c - split) * gv], dim)
+    return out.to(x.dtype)
+
+
+def tsra_backward_reference(x: Tensor, grad_out: Tensor, dim: int, split: int, a: float,
+                            b_u: float, b_v: float, eps: float) -> Tensor:
+    """dL/dx of TSRA given dL/dout, one pass over the channels of each position.
+
+    With A = <gout_U, x_U>, B = <gout_V, x_V> and G = a (A g_U(1-g_U) + B g_V(1-g_V)) = dL/dr:
+        dL/dx_U = g_U gout_U + G x_U (1/(s_U (s+eps)) - s_U/(s (s+eps)^2))
+        dL/dx_V = g_V gout_V - G x_V s_U/(s (s+eps)^2)
+    (terms with s_U = 0 or s = 0 are taken as 0: r has a kink there)."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, gf = x.to(wide), grad_out.to(wide)
+    c = x.shape[dim]
+    gu, gv, su, s = _gains(xf, dim, split, a, b_u, b_v, eps)
+    xu, xv = xf.narrow(dim, 0, split), xf.narrow(dim, split, c - split)
+    gou, gov = gf.narrow(dim, 0, split), gf.narrow(dim, split, c - split)
+    big_a = (gou * xu).sum(dim, keepdim=True)
+    big_b = (gov * xv).sum(dim, keepdim=True)
+    g = a * (big_a * gu * (1 - gu) + big_b * gv * (1 - gv))
+    se = s + eps
+    inv_su = torch.where(su > 0, 1.0 / su.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(su))
+    inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(s))
+    cross = su * inv_s / (se * se)               # -dr/d|x| part shared by both subspaces
+    dxu = gu * gou + g * xu * (inv_su / se - cross)
+    dxv = gv * gov - g * xv * cross
+    return torch.cat([dxu, dxv], dim).to(x.dtype)
+
+
+def _tsra_triton_forward(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
+                         eps: float, stats: Tensor | None) -> Tensor:
+    raise NotImplementedError("the Triton TSRA forward is not written yet")
+
+
+def _tsra_triton_backward(x: Tensor, grad_out: Tensor, dim: int, split: int, a: float, b_u: float,
+                          b_v: float, eps: float) -> Tensor:
+    raise NotImplementedError("the Triton TSRA backward is not written yet")
+
+
+class TSRAFunction(torch.autograd.Function):
+    """One autograd node for TSRA (forward saves only x; backward recomputes the gains)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
+                eps: float, stats: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.args = (dim, split, a, b_u, b_v, eps)
+        if backend_for(x) == "triton":
+            return _tsra_triton_forward(x, dim, split, a, b_u, b_v, eps, stats)
+        out = tsra_forward_reference(x, dim, split, a, b_u, b_v, eps)
+        if stats is not None:
+            dims = reduce_dims(out, dim)
+            stats.add_(torch.linalg.vector_norm(out.detach().float(), dim=dims).square()
+                       if dims else out.detach().float().square())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        dim, split, a, b_u, b_v, eps = ctx.args
+        if backend_for(x) == "triton":
+            gx = _tsra_triton_backward(x, grad_out.contiguous(), dim, split, a, b_u, b_v, eps)
+        else:
+            gx = tsra_backward_reference(x, grad_out, dim, split, a, b_u, b_v, eps)
+        return gx, None, None, None, None, None, None, None
+
+
+def tsra(x: Tensor, dim: int = 1, split: int | None = None, a: float = 5.0, b_u: float = 0.5,
+         b_v: float = 0.7, eps: float = 1e-12, stats: Tensor | None = None) -> Tensor:
+    """Logistic TSRA of `x` over channel axis `dim` (U = first `split` channels, default C//2).
+    `stats`: optional fp32 (C,) buffer; the forward adds sum over positions of out**2 into it."""
+    dim = channel_dim(x, dim)
+    c = x.shape[dim]
+    split = c // 2 if split is None else int(split)
+    if not 0 <= split <= c:
+        raise ValueError(f"split must be in [0, {c}] for {c} channels, got {split}")
+    if stats is not None and (stats.shape != (c,) or stats.dtype != torch.float32):
+        raise ValueError(f"stats must be a float32 tensor of shape ({c},), got "
+                         f"{stats.dtype} {tuple(stats.shape)}")
+    return TSRAFunction.apply(x, dim, split, float(a), float(b_u), float(b_v), float(eps), stats)
