@@ -43,7 +43,9 @@ def test_export_round_trip_reproduces_the_trained_models_outputs(trained, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     with torch.no_grad():
         expected = model(x)
-    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+    got = torch.load(tmp_path / "y.pt")
+    # same weights; the fresh interpreter may use another thread count, so allow summation-order noise
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6), (got - expected).abs().max()
     assert json.loads((tmp_path / "exp" / "model.json").read_text()) == model.spec()
 
 

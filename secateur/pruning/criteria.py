@@ -1,0 +1,373 @@
+"""Importance criteria behind one interface.
+
+A criterion attaches statistics collectors to the groups (hooks, or the fused TSRA statistics),
+exposes them as additive tensors (the trainer all-reduces them so every rank decides alike),
+scores units (higher = keep) and performs the shrink: plain selection for most criteria, a
+rotation first for change of basis, redistribution for projective, merging for folding.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateur.kernels import TSRA, channel_sq_sum
+from secateur.pruning.groups import UnitGroup
+from secateur.pruning.surgery import keep_units, merge_units, rescale_units
+
+
+def _as_rows(out: Tensor, dim: int) -> Tensor:
+    """(M, C) view of an activation with its unit axis `dim` last."""
+    return out.detach().movedim(dim, -1).reshape(-1, out.shape[dim])
+
+
+class Criterion:
+    """Base: no statistics, selection by index. Subclasses override what they need."""
+    name = "base"
+    needs_targets = False
+
+    def __init__(self, groups: list[UnitGroup], **kwargs: Any) -> None:
+        if kwargs:
+            raise ValueError(f"criterion_args: {self.name} takes no argument(s) {sorted(kwargs)}")
+        self.groups = groups
+        self._hooks: list[Any] = []
+
+    # statistics -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Tensor]:
+        return {}
+
+    def reset(self) -> None:
+        """Fresh zero accumulators sized for the groups' current widths."""
+
+    def observe_targets(self, y: Tensor) -> None:
+        pass
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # decisions ----------------------------------------------------------------------------
+    def prepare(self, group: UnitGroup, optimizer: torch.optim.Optimizer | None) -> None:
+        """Edit the group before scoring (change of basis rotates it)."""
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        raise NotImplementedError
+
+    def automatic_keep(self, group: UnitGroup) -> Tensor | None:
+        """Kept units chosen by the criterion itself (CoSeP), or None to use the rule."""
+        return None
+
+    def shrink(self, group: UnitGroup, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        keep_units(group, keep, optimizer)
+
+
+class RandomCriterion(Criterion):
+    """Uniform random scores from a generator seeded by (seed, event): identical on every rank."""
+    name = "random"
+
+    def __init__(self, groups: list[UnitGroup], seed: int = 0) -> None:
+        super().__init__(groups)
+        self.seed, self.event = int(seed), 0
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.event * 7919
+                                          + sum(map(ord, group.name)))
+        return torch.rand(group.size, generator=g, dtype=torch.float64)
+
+
+class L2Criterion(Criterion):
+    """L2 norm of each unit's producer weights (flattened filters / rows; biases excluded)."""
+    name = "l2"
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        return group.producer_weight_rows().double().norm(dim=1)
+
+
+class ActivationCriterion(Criterion):
+    """Root-mean-square post-activation of each unit over the observed data (METHODS A.5).
+    TSRA groups accumulate inside the TSRA forward (no extra pass); others through
+    `kernels.channel_sq_sum` in a forward hook."""
+    name = "activation"
+
+    def __init__(self, groups: list[UnitGroup]) -> None:
+        super().__init__(groups)
+        for g in groups:
+            if g.activation is None:
+                raise ValueError(f"criterion: group {g.name!r} has no activation module to observe")
+        self.sq: dict[str, Tensor] = {}
+        self.count: dict[str, Tensor] = {}
+        self.reset()
+        for g in groups:
+            fused = isinstance(g.activation, TSRA)
+            if fused:
+                g.activation.track_stats(True)
+            self._hooks.append(g.activation.register_forward_hook(self._hook(g, fused)))
+
+    def _width(self, g: UnitGroup) -> int:
+        blocks = {s.block for s in g.producers}
+        return g.size * max(blocks)
+
+    def _hook(self, g: UnitGroup, fused: bool):
+        def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
+            acc = self.sq[g.name]
+            if fused:
+                if mod.stats is not acc:    # the module re-creates its buffer when C changes
+                    acc.add_(mod.stats)
+                    mod.stats = acc
+            else:
+                channel_sq_sum(out.detach(), g.act_dim, out=acc)
+            self.count[g.name] += out.numel() // out.shape[g.act_dim]
+        return hook
+
+    def reset(self) -> None:
+        for g in self.groups:
+            w = self._width(g)
+            dev = g.producers[0].tensor.device
+            self.sq[g.name] = torch.zeros(w, dtype=torch.float32, device=dev)
+            self.count[g.name] = torch.zeros((), dtype=torch.float64, device=dev)
+            if isinstance(g.activation, TSRA):
+                g.activation.stats, g.activation.stats_count = self.sq[g.name], 0
+
+    def stats(self) -> dict[str, Tensor]:
+        out = {f"{n}.sq": t for n, t in self.sq.items()}
+        out.update({f"{n}.count": t for n, t in self.count.items()})
+        return out
+
+    def close(self) -> None:
+        super().close()
+        for g in self.groups:
+            if isinstance(g.activation, TSRA):
+                g.activation.track_stats(False)
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        sq = self.sq[group.name].double().reshape(group.size, -1).sum(1)
+        n = float(self.count[group.name])
+        if n == 0:
+            raise ValueError(f"criterion: no activations were observed for group {group.name!r} "
+                             "before the pruning event")
+        return (sq / n).sqrt()
+
+
+class ProjectiveCriterion(Criterion):
+    """Projective redundancy (METHODS C): a unit's distance to the ridge span of the other units'
+    producer rows. Removal is exact greedy (O(n^2) downdates) or the published lazy update, with
+    optional redistribution of the removed units' contribution (alpha, beta, gamma)."""
+    name = "projective"
+
+    def __init__(self, groups: list[UnitGroup], lam: float = 1e-3, mode: str = "exact",
+                 redistribute: bool = True, alpha: float = 0.5, beta: float = 0.5,
+                 gamma: float = 0.5) -> None:
+        super().__init__(groups)
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if mode not in ("exact", "lazy"):
+            raise ValueError(f"mode must be 'exact' or 'lazy', got {mode!r}")
+        self.lam, self.mode, self.redistribute = float(lam), mode, bool(redistribute)
+        self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
+
+    def _rows(self, group: UnitGroup) -> Tensor:
+        return group.producer_rows().double()
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        from secateur.pruning import projective
+        return projective.scores(self._rows(group), lam=self.lam)
+
+    def shrink(self, group: UnitGroup, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        from secateur.pruning import projective
+        n_remove = group.size - keep.numel()
+        if n_remove == 0:
+            return
+        rows = self._rows(group)
+        chosen, w_s, b_s, v_s = [], torch.ones(group.size, dtype=torch.float64), None, None
+        b_s, v_s = w_s.clone(), w_s.clone()
+        # greedy removal within each subspace keeps the TSRA structure; counts follow the rule
+        for r in group.subspaces():
+            idx = torch.arange(r.start, r.stop)
+            k = int((~torch.isin(idx, keep)).sum())
+            if k == 0:
+                continue
+            res = projective.greedy(rows[idx], k, lam=self.lam, mode=self.mode, alpha=self.alpha,
+                                    beta=self.beta, gamma=self.gamma, redistribute=self.redistribute)
+            chosen.append(idx[res.keep])
+            w_s[idx], b_s[idx], v_s[idx] = res.w_scale, res.b_scale, res.v_scale
+        for r in group.subspaces():
+            idx = torch.arange(r.start, r.stop)
+            if int((~torch.isin(idx, keep)).sum()) == 0:
+                chosen.append(idx)
+        if self.redistribute:
+            rescale_units(group, w_s, b_s, v_s, optimizer)
+        keep_units(group, torch.cat(chosen), optimizer)
+
+
+class CoBCriterion(ActivationCriterion):
+    """Change of basis (METHODS A.3-A.5): streaming uncentred second moments of each TSRA
+    subspace's post-activations; at the event the eigenvector rotations are absorbed into producer
+    and consumer (an exact function-preserving edit), and the rotated units' importance is the
+    square root of the eigenvalues (= their activation magnitude after rotation)."""
+    name = "cob"
+
+    def __init__(self, groups: list[UnitGroup]) -> None:
+        for g in groups:
+            if not g.tsra or g.norms:
+                raise ValueError(f"criterion: cob needs TSRA groups without affine norms; "
+                                 f"group {g.name!r} has {'norm parameters' if g.norms else 'no TSRA'}")
+        Criterion.__init__(self, groups)
+        self.moments: dict[str, Any] = {}
+        self._eig: dict[str, Tensor] = {}
+        self.reset()
+        for g in groups:
+            self._hooks.append(g.activation.register_forward_hook(self._moment_hook(g)))
+
+    def _moment_hook(self, g: UnitGroup):
+        def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
+            self.moments[g.name].update(_as_rows(out, g.act_dim))
+        return hook
+
+    def reset(self) -> None:
+        from secateur.pruning.cob import SubspaceMoments
+        for g in self.groups:
+            self.moments[g.name] = SubspaceMoments([len(r) for r in g.subspaces()])
+
+    def stats(self) -> dict[str, Tensor]:
+        return {f"{n}.m{i}": t for n, m in self.moments.items() for i, t in enumerate(m.tensors())}
+
+    def close(self) -> None:
+        Criterion.close(self)
+
+    def prepare(self, group: UnitGroup, optimizer: torch.optim.Optimizer | None) -> None:
+        from secateur.pruning.cob import rotations
+        rots = rotations(self.moments[group.name])
+        n = group.size
+        rot = torch.zeros(n, n, dtype=torch.float64)
+        eig = []
+        for r, (R, ev) in zip(group.subspaces(), rots):
+            rot[r.start:r.stop, r.start:r.stop] = R.double()
+            eig.append(ev.double().clamp_min(0))
+        merge_units(group, rot, rot.t(), optimizer, split=group.split)
+        self._eig[group.name] = torch.cat(eig)
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        return self._eig[group.name].sqrt()
+
+
+class CoSePCriterion(Criterion):
+    """CoSeP (METHODS D): per-class streaming moments of each unit's (spatially averaged)
+    activation, Jeffries-Matusita separability profiles, k-medoids with the number of clusters at
+    the knee of the mean simplified silhouette; one representative per cluster is kept. The width
+    is chosen by the criterion; the rule is not used."""
+    name = "cosep"
+    needs_targets = True
+
+    def __init__(self, groups: list[UnitGroup], num_classes: int, k_min: int = 2,
+                 k_max: int | None = None, seed: int = 0) -> None:
+        super().__init__(groups)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes, self.k_min, self.k_max, self.seed = int(num_classes), k_min, k_max, seed
+        self._targets: Tensor | None = None
+        self.moments: dict[str, Any] = {}
+        self.reset()
+        for g in groups:
+            self._hooks.append(g.activation.register_forward_hook(self._hook(g)))
+
+    def observe_targets(self, y: Tensor) -> None:
+        self._targets = y.detach().reshape(-1).cpu()
+
+    def _hook(self, g: UnitGroup):
+        def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
+            if self._targets is None:
+                return
+            a = out.detach().movedim(g.act_dim, 1)
+            a = a.reshape(a.shape[0], a.shape[1], -1).mean(-1) if a.dim() > 2 else a
+            if a.shape[0] == self._targets.numel():
+                self.moments[g.name].update(a.double().cpu(), self._targets)
+        return hook
+
+    def reset(self) -> None:
+        from secateur.pruning.cosep import ClassMoments
+        for g in self.groups:
+            self.moments[g.name] = ClassMoments(self.num_classes, g.size)
+
+    def stats(self) -> dict[str, Tensor]:
+        return {f"{n}.m{i}": t for n, m in self.moments.items() for i, t in enumerate(m.tensors())}
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        return group.producer_weight_rows().double().norm(dim=1)
+
+    def automatic_keep(self, group: UnitGroup) -> Tensor:
+        from secateur.pruning.cosep import jm_profiles, select_components
+        profiles = jm_profiles(self.moments[group.name])
+        k_range = None
+        if self.k_max is not None:
+            k_range = range(self.k_min, min(self.k_max, group.size - 1) + 1)
+        res = select_components(profiles, self.importance(group), k_range=k_range, seed=self.seed)
+        return res.keep
+
+
+class FoldCriterion(Criterion):
+    """Model folding (METHODS B): cluster each group's units by their producer rows (k-means)
+    and merge each cluster (mean of producers, sum of consumers) instead of deleting units.
+    The rule's count of removed units sets the number of clusters; `repair='fold_ar'` applies
+    the data-free Fold-AR rescaling. TSRA groups fold within each subspace."""
+    name = "fold"
+
+    def __init__(self, groups: list[UnitGroup], repair: str = "fold_ar", seed: int = 42) -> None:
+        super().__init__(groups)
+        if repair not in ("none", "fold_ar"):
+            raise ValueError(f"repair must be 'none' or 'fold_ar', got {repair!r}")
+        self.repair, self.seed = repair, int(seed)
+
+    def importance(self, group: UnitGroup) -> Tensor:
+        return group.producer_weight_rows().double().norm(dim=1)
+
+    def shrink(self, group: UnitGroup, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        from secateur.pruning.folding import cluster_units, fold_ar_gain, merge_maps
+        n = group.size
+        rows = group.producer_rows().double()
+        p_blocks, c_blocks, gains, split = [], [], [], None
+        for j, r in enumerate(group.subspaces()):
+            if len(r) == 0:
+                continue
+            idx = torch.arange(r.start, r.stop)
+            k = max(int(torch.isin(idx, keep).sum()), 1)
+            labels = cluster_units(rows[idx], k, seed=self.seed)
+            p, c = merge_maps(labels, k)
+            big_p = torch.zeros(k, n, dtype=torch.float64)
+            big_c = torch.zeros(n, k, dtype=torch.float64)
+            big_p[:, idx], big_c[idx, :] = p.double(), c.double()
+            p_blocks.append(big_p)
+            c_blocks.append(big_c)
+            gains.append(fold_ar_gain(rows[idx], labels).double())
+            if j == 0 and group.tsra:
+                split = k
+        merge_units(group, torch.cat(p_blocks, 0), torch.cat(c_blocks, 1), optimizer, split=split)
+        if self.repair == "fold_ar":
+            self._fold_ar(group, torch.cat(gains))
+
+    @staticmethod
+    @torch.no_grad()
+    def _fold_ar(group: UnitGroup, gain: Tensor) -> None:
+        """Data-free repair (METHODS B.2): BatchNorm gamma times the variance gain of each merged
+        cluster, running statistics reset to mean 0 / variance 1. Groups without BN are left as is."""
+        for s in group.norms:
+            t = s.tensor
+            if s.name == "weight":
+                t.mul_(gain.to(t.dtype).to(t.device))
+            elif s.name == "running_mean":
+                t.zero_()
+            elif s.name == "running_var":
+                t.fill_(1.0)
+
+
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (
+    RandomCriterion, L2Criterion, ActivationCriterion, ProjectiveCriterion, CoBCriterion,
+    CoSePCriterion, FoldCriterion)}
+
+
+def make_criterion(name: str, groups: list[UnitGroup], **kwargs: Any) -> Criterion:
+    if name not in CRITERIA:
+        raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {name!r}")
+    return CRITERIA[name](groups, **kwargs)

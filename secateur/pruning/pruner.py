@@ -1,0 +1,156 @@
+"""The trainer-facing pruner: a criterion, a decision rule and a schedule over a model's groups.
+
+    pruner = Pruner(model, criterion="activation", rule=Rule("ratio", 0.25), schedule=Schedule(...))
+    ...forward passes (statistics accumulate on the fly)...
+    if pruner.is_event(step):
+        all_reduce(pruner.stats())        # the trainer sums them over ranks, in place
+        report = pruner.prune(optimizer)  # [(group, units before, units after), ...]
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from secateur.pruning.criteria import CRITERIA, Criterion, make_criterion
+from secateur.pruning.groups import UnitGroup, build_groups
+from secateur.pruning.rules import Rule, global_keep, keep_within
+from secateur.pruning.schedules import Schedule
+
+
+def _num_classes(model: nn.Module) -> int:
+    """Outputs of the model's last Linear layer (the logits)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("criterion_args: num_classes is needed for a model without a Linear head")
+    return linears[-1].out_features
+
+
+class Pruner:
+    def __init__(self, model: nn.Module, criterion: str = "l2", rule: Rule | None = None,
+                 schedule: Schedule | None = None, min_units: int = 1,
+                 example_input: Tensor | None = None, **criterion_args: Any) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
+        if min_units < 1:
+            raise ValueError(f"min_units must be >= 1, got {min_units}")
+        self.model = model
+        self.rule = rule or Rule()
+        self.schedule = schedule or Schedule()
+        self.min_units = int(min_units)
+        self.groups: list[UnitGroup] = build_groups(model, example_input)
+        if not self.groups:
+            raise ValueError("model: no prunable unit groups found")
+        if criterion == "cosep" and "num_classes" not in criterion_args:
+            criterion_args["num_classes"] = _num_classes(model)
+        self.criterion_name = criterion
+        self.criterion: Criterion = make_criterion(criterion, self.groups, **criterion_args)
+        self.initial = {g.name: g.size for g in self.groups}
+        self.events_done = 0
+        self.step: int | None = None
+
+    # ---- trainer interface ----------------------------------------------------------------
+    @property
+    def needs_targets(self) -> bool:
+        return self.criterion.needs_targets
+
+    def observe_targets(self, y: Tensor) -> None:
+        self.criterion.observe_targets(y)
+
+    def stats(self) -> dict[str, Tensor]:
+        """Additive statistics accumulators (sum them over ranks in place before `prune`)."""
+        return self.criterion.stats()
+
+    def is_event(self, step: int) -> bool:
+        if self.schedule.is_event(step):
+            self.step = step
+            return True
+        return False
+
+    def sizes(self) -> dict[str, int]:
+        return {g.name: g.size for g in self.groups}
+
+    def _min_keep(self, g: UnitGroup) -> int:
+        return min(g.size, max(self.min_units, len([r for r in g.subspaces() if len(r)])))
+
+    def _agp_ratio(self, g: UnitGroup) -> float:
+        step = self.schedule.start if self.step is None else self.step
+        want = max(1, round(self.initial[g.name] * (1.0 - self.schedule.sparsity_at(step))))
+        return max(0.0, 1.0 - want / g.size)
+
+    @torch.no_grad()
+    def prune(self, optimizer: torch.optim.Optimizer | None = None) -> list[tuple[str, int, int]]:
+        """Decide from the accumulated statistics, shrink the model and the optimizer state,
+        reset the statistics. Returns [(group name, units before, units after)]."""
+        crit = self.criterion
+        if hasattr(crit, "event"):
+            crit.event = self.events_done
+        scores: dict[str, Tensor] = {}
+        for g in self.groups:
+            crit.prepare(g, optimizer)
+            s = crit.importance(g).detach().double().cpu()
+            if s.shape != (g.size,) or not torch.isfinite(s).all():
+                warnings.warn(f"pruning: importance of group {g.name!r} is not finite; group skipped",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            scores[g.name] = s
+        by_name = {g.name: g for g in self.groups}
+        keeps: dict[str, Tensor] = {}
+        auto = {n: crit.automatic_keep(by_name[n]) for n in scores}
+        if any(k is not None for k in auto.values()):
+            keeps = {n: k for n, k in auto.items() if k is not None}
+        elif self.schedule.kind == "agp":
+            for n, s in scores.items():
+                g = by_name[n]
+                keeps[n] = keep_within(s, g.subspaces(), Rule("ratio", min(self._agp_ratio(g), 0.999),
+                                                               self.rule.scope if self.rule.scope != "global"
+                                                               else "per_layer"), self._min_keep(g))
+        elif self.rule.scope == "global":
+            keeps = global_keep(scores, self.rule.value, self.min_units)
+        else:
+            for n, s in scores.items():
+                g = by_name[n]
+                keeps[n] = keep_within(s, g.subspaces(), self.rule, self._min_keep(g))
+        report = []
+        for n, keep in keeps.items():
+            g = by_name[n]
+            before = g.size
+            keep = torch.as_tensor(keep, dtype=torch.long).sort().values
+            if keep.numel() < min(self.min_units, before):
+                top = torch.sort(scores[n], descending=True, stable=True).indices[:min(self.min_units, before)]
+                keep = torch.unique(torch.cat([keep, top]))
+            if keep.numel() < before:
+                crit.shrink(g, keep, optimizer)
+            report.append((n, before, g.size))
+        crit.reset()
+        self.events_done += 1
+        return report
+
+    # ---- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion_name, "events_done": self.events_done, "step": self.step,
+                "initial": dict(self.initial),
+                "stats": {k: v.detach().cpu().clone() for k, v in self.stats().items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("criterion") != self.criterion_name:
+            raise ValueError(f"state: saved for criterion {sd.get('criterion')!r}, "
+                             f"not {self.criterion_name!r}")
+        self.events_done, self.step = int(sd["events_done"]), sd.get("step")
+        self.initial = dict(sd["initial"])
+        self.criterion.reset()
+        live = self.stats()
+        for k, v in sd.get("stats", {}).items():
+            if k not in live or live[k].shape != v.shape:
+                raise ValueError(f"state: statistics {k!r} do not match the model's current widths")
+            live[k].copy_(v)
+
+    def close(self) -> None:
+        """Remove the statistics hooks."""
+        self.criterion.close()
+
+    def __repr__(self) -> str:
+        return (f"Pruner(criterion={self.criterion_name!r}, rule={self.rule}, schedule={self.schedule}, "
+                f"groups={len(self.groups)})")
