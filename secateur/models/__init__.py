@@ -6,11 +6,12 @@ from typing import Any
 
 from torch import nn
 
+from secateur.models.c4cnn import C4CNN, PlainCNN
 from secateur.models.mlp import MLP
 from secateur.models.transformer import TinyTransformer
 from secateur.models.vgg import VGGTSRA
 
-__all__ = ["MLP", "TinyTransformer", "VGGTSRA", "build_model"]
+__all__ = ["C4CNN", "MLP", "PlainCNN", "TinyTransformer", "VGGTSRA", "build_model"]
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
