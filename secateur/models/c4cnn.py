@@ -99,6 +99,34 @@ class _InvariantHeadNet(nn.Module):
         """JSON-able architecture with the current (possibly pruned) FC widths."""
         return {"name": type(self).__name__, "args": {**self._args(), "fc": self.fc_widths()}}
 
+    def _derived_buffers(self) -> set[str]:
+        """Buffer names that follow from the architecture and the parameters (e2cnn's sampled
+        filter basis, expanded filters and biases, index tables): all but BatchNorm statistics."""
+        stats = {f"{name}.{b}" if name else b for name, mod in self.named_modules()
+                 if isinstance(mod, nn.modules.batchnorm._NormBase) for b, _ in mod.named_buffers(recurse=False)}
+        return {n for n, _ in self.named_buffers()} - stats
+
+    def weights_state_dict(self) -> dict[str, Tensor]:
+        """The state that, with `spec()`, rebuilds the model: parameters (also dynamically quantized
+        Linear weights) and BatchNorm statistics; the constructor and eval() recreate the rest."""
+        derived = self._derived_buffers()
+        return {k: v for k, v in self.state_dict().items() if k not in derived}
+
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        """Load a `weights_state_dict()` into a model built from the same spec."""
+        mode = self.training
+        self.train()  # drops expanded filters; train(False) below rebuilds them from the loaded weights
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"state: does not match this architecture ({' '.join(str(err).split())})") from None
+        finally:
+            self.train(mode)
+        missing = set(result.missing_keys) - self._derived_buffers()
+        if result.unexpected_keys or missing:
+            raise ValueError(f"state: does not match this architecture (missing {sorted(missing)}, "
+                             f"unexpected {result.unexpected_keys})")
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "_InvariantHeadNet":
         """A fresh model (new weights) with the architecture of `spec`, ready for load_state_dict."""
