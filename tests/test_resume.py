@@ -43,7 +43,8 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, \
+        f"the run ended before it could be killed: {proc.stderr.read().decode()[-1500:]}"
     reached = _rows(killed)
     assert 25 <= int(ckpt.latest(killed).name.split("_")[1]) <= reached < CFG["train"]["max_steps"]
 

@@ -46,6 +46,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# rendezvous variables this process set for its own 1-rank group; removed again at shutdown so a
+# later run (or a child process) does not try to reuse a port that may still be taken
+_OWN_ENV: dict[str, str] = {}
+
+
 def init_distributed(local_rank: int | None = None) -> DistInfo:
     """Join the process group set up by torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
     MASTER_ADDR in the environment), or create a 1-rank group for a plain single process.
@@ -53,8 +58,10 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     CUDA ranks use NCCL, CPU ranks gloo. `local_rank` is the launcher's --local_rank, if given.
     """
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(local_rank or 0),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(local_rank or 0),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        os.environ.update(own)
+        _OWN_ENV.update(own)
     if local_rank is not None:
         os.environ["LOCAL_RANK"] = str(local_rank)
     lr = int(os.environ.get("LOCAL_RANK", 0))
@@ -85,6 +92,10 @@ def destroy_process_group() -> None:
         dscomm.destroy_process_group()
     elif dist.is_initialized():
         dist.destroy_process_group()
+    for k, v in list(_OWN_ENV.items()):
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _OWN_ENV.clear()
 
 
 def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
