@@ -350,16 +350,26 @@ class FoldCriterion(Criterion):
     @staticmethod
     @torch.no_grad()
     def _fold_ar(group: UnitGroup, gain: Tensor) -> None:
-        """Data-free repair (METHODS B.2): BatchNorm gamma times the variance gain of each merged
-        cluster, running statistics reset to mean 0 / variance 1. Groups without BN are left as is."""
-        for s in group.norms:
+        """Data-free repair (METHODS B.2): a merged cluster's pre-activation variance shrinks by
+        (1 + (n_c - 1) rho_c) / n_c; the gain undoes it. With BatchNorm the gain multiplies gamma
+        and the running statistics are reset to mean 0 / variance 1; without a norm it scales the
+        merged unit's producer weights and bias (the same pre-activation, for a homogeneous
+        activation such as ReLU)."""
+        if group.norms:
+            for s in group.norms:
+                t = s.tensor
+                if s.name == "weight":
+                    t.mul_(gain.to(t.dtype).to(t.device))
+                elif s.name == "running_mean":
+                    t.zero_()
+                elif s.name == "running_var":
+                    t.fill_(1.0)
+            return
+        for s in group.producers:
             t = s.tensor
-            if s.name == "weight":
-                t.mul_(gain.to(t.dtype).to(t.device))
-            elif s.name == "running_mean":
-                t.zero_()
-            elif s.name == "running_var":
-                t.fill_(1.0)
+            shape = [1] * t.dim()
+            shape[s.axis] = -1
+            t.mul_(gain.repeat_interleave(s.block).to(t.dtype).to(t.device).reshape(shape))
 
 
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (

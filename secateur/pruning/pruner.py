@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +31,8 @@ def _num_classes(model: nn.Module) -> int:
 class Pruner:
     def __init__(self, model: nn.Module, criterion: str = "l2", rule: Rule | None = None,
                  schedule: Schedule | None = None, min_units: int = 1,
-                 example_input: Tensor | None = None, **criterion_args: Any) -> None:
+                 example_input: Tensor | None = None, layers: Sequence[str] | None = None,
+                 **criterion_args: Any) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
         if min_units < 1:
@@ -41,6 +42,12 @@ class Pruner:
         self.schedule = schedule or Schedule()
         self.min_units = int(min_units)
         self.groups: list[UnitGroup] = build_groups(model, example_input)
+        if layers is not None:      # prune only these groups (e.g. the classifier)
+            unknown = sorted(set(layers) - {g.name for g in self.groups})
+            if unknown:
+                raise ValueError(f"layers: no unit group named {unknown}; groups are "
+                                 f"{[g.name for g in self.groups]}")
+            self.groups = [g for g in self.groups if g.name in set(layers)]
         if not self.groups:
             raise ValueError("model: no prunable unit groups found")
         if criterion == "cosep" and "num_classes" not in criterion_args:
