@@ -6,7 +6,11 @@ row reports parameters, size on disk, accuracy on upright and on 90-degree-rotat
 gap, and the conv stack's rotation-invariance error. Writes results.json, table.md and
 equivariant.png into --out.
 
-    .venv/bin/python benchmarks/repro_equivariant.py --config configs/equivariant.yaml --out runs/equivariant
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repro_equivariant.py --config configs/equivariant.yaml \
+        --out runs/equivariant
+
+About 5 minutes on 2 shared CPU cores with one thread (two threads competing with another job for the
+same two cores ran 3.5x slower). Measured results: benchmarks/results/equivariant.md.
 """
 from __future__ import annotations
 
