@@ -1,0 +1,166 @@
+"""Projective pruning (METHODS C): a unit is redundant when its producer row lies close to the
+(ridge) span of the other units' rows.
+
+For W (n, m), G = W W^T and H = (G + lam I)^-1, the closed forms (all n scores from one inverse):
+    q_i = -H[-i, i] / H_ii                        reconstruction coefficients of row i
+    d_i^2 = 1/H_ii - lam ||H[:, i]||^2 / H_ii^2   squared residual (lam = 0: d_i = 1/sqrt(H_ii))
+Greedy removal downdates H in O(n^2) per removed row (a Schur complement) instead of re-inverting;
+the published lazy update (C.3) is kept as `mode="lazy"` for reproduction.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from secateur.kernels import gram
+
+
+class GreedyResult(NamedTuple):
+    """removed: removal order (r,); keep: kept rows, ascending; w_scale / b_scale / v_scale (n,):
+    factors for the kept units' producer weight rows, producer biases and consumer columns
+    (all ones without redistribution; entries of removed units are meaningless)."""
+    removed: Tensor
+    keep: Tensor
+    w_scale: Tensor
+    b_scale: Tensor
+    v_scale: Tensor
+
+
+def _flat(W: Tensor) -> Tensor:
+    """Rows as float64 (n, m): conv filters (n, c, kh, kw) are flattened."""
+    if W.dim() < 2:
+        raise ValueError(f"W must have shape (n, m) or (n, c, kh, kw), got {tuple(W.shape)}")
+    return W.detach().reshape(W.shape[0], -1).double()
+
+
+def _check_lam(lam: float) -> float:
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    return float(lam)
+
+
+def ridge_inverse(W: Tensor, lam: float = 1e-3) -> Tensor:
+    """H = (W W^T + lam I)^-1 in float64 via Cholesky (W flattened to rows)."""
+    lam = _check_lam(lam)
+    g = gram(_flat(W), lam)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
+        raise ValueError("W: the Gram matrix is singular; use lam > 0 (rows are linearly dependent "
+                         "or there are more rows than columns)")
+    return torch.cholesky_inverse(chol)
+
+
+def _scores_from_inverse(h: Tensor, lam: float) -> Tensor:
+    d = h.diagonal()
+    d2 = 1.0 / d - lam * h.square().sum(0) / d.square()
+    return d2.clamp_min(0).sqrt()
+
+
+def scores(W: Tensor, lam: float = 1e-3) -> Tensor:
+    """Redundancy score of every row (n,): distance of row i to the ridge span of the other rows
+    (higher = more unique, keep). One Gram matrix and one inverse: O(n^2 m + n^3)."""
+    return _scores_from_inverse(ridge_inverse(W, lam), _check_lam(lam))
+
+
+def coefficients(W: Tensor, lam: float = 1e-3) -> Tensor:
+    """Q (n, n): row i holds q_i, the ridge coefficients that rebuild row i from the others
+    (W_-i^T q_i ~ w_i), zero diagonal."""
+    h = ridge_inverse(W, lam)
+    q = -h / h.diagonal()[:, None]    # q[i, j] = -H[i, j] / H_ii = -H[j, i] / H_ii (H symmetric)
+    q.fill_diagonal_(0.0)
+    return q
+
+
+def rowwise_scores(W: Tensor, lam: float = 1e-3) -> Tensor:
+    """The per-row formulation (one ridge solve per row): the baseline and test oracle."""
+    lam = _check_lam(lam)
+    w = _flat(W)
+    n = w.shape[0]
+    out = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        others = torch.cat([w[:i], w[i + 1:]])
+        a = others @ others.T + lam * torch.eye(n - 1, dtype=torch.float64)
+        q = torch.linalg.solve(a, others @ w[i])
+        out[i] = (others.T @ q - w[i]).norm()
+    return out
+
+
+def _check_greedy(n: int, r: int, mode: str) -> None:
+    if not 0 <= r < n:
+        raise ValueError(f"r must be in [0, {n}) for {n} rows, got {r}")
+    if mode not in ("exact", "lazy"):
+        raise ValueError(f"mode must be 'exact' or 'lazy', got {mode!r}")
+
+
+def greedy(W: Tensor, r: int, lam: float = 1e-3, mode: str = "exact", alpha: float = 0.5,
+           beta: float = 0.5, gamma: float = 0.5, redistribute: bool = True) -> GreedyResult:
+    """Remove r rows one at a time, each time the row with the smallest score.
+
+    exact: scores from H, then an O(n^2) Schur downdate of H removes the row (no re-inversion).
+    With redistribution each kept row j is rescaled by (1 + alpha q_i[j]) when row i goes (bias
+    by beta, consumer column by gamma) and H follows as D^-1 H D^-1 (exact for lam = 0; for
+    lam > 0 the ridge is rescaled with the rows).
+    lazy: the published update (C.3): coefficients solved once, a removed row's coefficient is
+    dropped and the others are divided by (1 + alpha q_i), nothing is re-solved."""
+    lam = _check_lam(lam)
+    w = _flat(W)
+    n = w.shape[0]
+    _check_greedy(n, r, mode)
+    scales = torch.ones(3, n, dtype=torch.float64)
+    phis = torch.tensor([alpha, beta, gamma], dtype=torch.float64)[:, None]
+    removed: list[int] = []
+    if mode == "exact":
+        active = torch.arange(n)
+        h = ridge_inverse(w, lam)
+        for _ in range(r):
+            i = int(torch.argmin(_scores_from_inverse(h, lam)))
+            q = -h[:, i] / h[i, i]
+            rest = torch.cat([torch.arange(i), torch.arange(i + 1, h.shape[0])])
+            h = h[rest][:, rest] - torch.outer(h[rest, i], h[i, rest]) / h[i, i]
+            if redistribute:
+                scales[:, active[rest]] *= 1.0 + phis * q[rest]
+                d = 1.0 + alpha * q[rest]
+                h = h / torch.outer(d, d)
+            removed.append(int(active[i]))
+            active = active[rest]
+    else:
+        q = coefficients(w, lam)
+        alive = torch.ones(n, dtype=torch.bool)
+        wz = w.clone()
+        for _ in range(r):
+            dist = (q @ wz - w).norm(dim=1)
+            dist[~alive] = float("inf")
+            i = int(torch.argmin(dist))
+            wz[i] = 0.0
+            alive[i] = False
+            q[:, i] = 0.0
+            qi = q[i].clone()
+            q[alive] = q[alive] / (1.0 + alpha * qi)[None, :]
+            if redistribute:
+                scales *= 1.0 + phis * qi
+            removed.append(i)
+    rem = torch.tensor(removed, dtype=torch.long)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[rem] = False
+    return GreedyResult(rem, keep.nonzero().flatten(), scales[0], scales[1], scales[2])
+
+
+def joint_qk_scores(Wq: Tensor, Wk: Tensor, n_heads: int, lam: float = 1e-3) -> Tensor:
+    """Scores (n_heads, head_dim) of the shared query-key dimensions: per head, the residual
+    criterion on the joint rows [q_j ; k_j] (each of length 2 * embed) against the head's other
+    joint rows. Wq, Wk: (n_heads * head_dim, embed)."""
+    if Wq.shape != Wk.shape or Wq.dim() != 2:
+        raise ValueError(f"Wq and Wk must be (heads*head_dim, embed) of equal shape, got "
+                         f"{tuple(Wq.shape)} and {tuple(Wk.shape)}")
+    if n_heads < 1 or Wq.shape[0] % n_heads:
+        raise ValueError(f"n_heads must divide {Wq.shape[0]}, got {n_heads}")
+    hd = Wq.shape[0] // n_heads
+    joint = torch.cat([Wq, Wk], dim=1).double().reshape(n_heads, hd, -1)
+    lam = _check_lam(lam)
+    g = gram(joint, lam)                                    # (heads, hd, hd), one batched call
+    h = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    d = h.diagonal(dim1=-2, dim2=-1)
+    d2 = 1.0 / d - lam * h.square().sum(-2) / d.square()
+    return d2.clamp_min(0).sqrt()
