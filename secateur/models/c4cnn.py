@@ -30,7 +30,7 @@ def _positive_ints(name: str, values: Sequence[int], allow_empty: bool = False) 
     return vals
 
 
-class _InvariantHeadNet(nn.Module):
+class _PooledCNN(nn.Module):
     """Shared part of both CNNs: `conv_features(x)` -> (N, C, H, W) is defined by the subclass;
     `features(x)` global-average-pools it to (N, C); `head` is
     [Linear -> ReLU] per hidden width -> Linear(num_classes)."""
@@ -128,7 +128,7 @@ class _InvariantHeadNet(nn.Module):
                              f"unexpected {result.unexpected_keys})")
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "_InvariantHeadNet":
+    def from_spec(cls, spec: dict[str, Any]) -> "_PooledCNN":
         """A fresh model (new weights) with the architecture of `spec`, ready for load_state_dict."""
         if not isinstance(spec, dict) or spec.get("name") != cls.__name__:
             got = spec.get("name") if isinstance(spec, dict) else spec
@@ -136,7 +136,7 @@ class _InvariantHeadNet(nn.Module):
         return cls(**spec.get("args", {}))
 
 
-class C4CNN(_InvariantHeadNet):
+class C4CNN(_PooledCNN):
     """C4-equivariant conv stack (e2cnn) + prunable FC head.
 
     fields: regular C4 fields per block (each = 4 channels); fc: hidden FC widths; input
@@ -186,7 +186,7 @@ class C4CNN(_InvariantHeadNet):
                 "fields": list(self.fields), "kernel_size": self.kernel_size}
 
 
-class PlainCNN(_InvariantHeadNet):
+class PlainCNN(_PooledCNN):
     """Non-equivariant baseline: Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2) per width in
     `channels`, global average pool, the same prunable FC head."""
 

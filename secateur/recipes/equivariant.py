@@ -31,9 +31,9 @@ from secateur.models.c4cnn import C4CNN, PlainCNN, invariance_error
 from secateur.pruning import UnitGroup, keep_units
 from secateur.trainer.config import ConfigError, _format_errors
 
-__all__ = ["ConfigError", "EquivariantConfig", "FinetuneResult", "Row", "accuracy", "adaptive_finetune",
+__all__ = ["ConfigError", "Data", "EquivariantConfig", "FinetuneResult", "Row", "accuracy", "adaptive_finetune",
            "distill", "distillation_loss", "fc_l2_prune", "l2_saliency", "load_config", "load_data",
-           "param_count", "parse_config", "quantize_int8", "run_family", "size_on_disk", "train"]
+           "param_count", "parse_config", "predict", "quantize_int8", "run_family", "size_on_disk", "train"]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -163,6 +163,8 @@ class Data:
 
 
 def load_data(cfg: DataSection, seed: int = 0) -> Data:
+    """The configured subsets (standardised with the training subset's statistics), with the last
+    `cfg.monitor` training rows split off as the monitor set."""
     ds = load_dataset(cfg.dataset, root=cfg.root, train_subset=cfg.train_subset,
                       val_subset=cfg.test_subset, subset_seed=seed)
     n = len(ds.train)
