@@ -176,11 +176,12 @@ def _toy_data(n=240, seed=0) -> Data:
     return Data(s(0, 160), s(160, 200), s(200, n), num_classes=5, in_channels=1)
 
 
-def test_adaptive_finetune_runs_only_after_a_large_drop_and_keeps_the_conv_stack():
+@pytest.mark.parametrize("scope", ["head", "all"])
+def test_adaptive_finetune_runs_only_after_a_large_drop(scope):
     data = _toy_data()
     model = _give_bn_stats(tiny_c4(fc=(16,)), data.train.x[:32])
     fc_l2_prune(model, 0.5)
-    cfg = FinetuneSection(threshold=2.0, max_epochs=3, early_stop=2, scope="head")
+    cfg = FinetuneSection(threshold=2.0, max_epochs=3, early_stop=2, scope=scope)
     now = accuracy(model, data.monitor)
     head_before = copy.deepcopy(model.head.state_dict())
     skipped = adaptive_finetune(model, data, monitor_before=now + 2.0, cfg=cfg)
@@ -191,7 +192,9 @@ def test_adaptive_finetune_runs_only_after_a_large_drop_and_keeps_the_conv_stack
     assert done.ran and 1 <= done.epochs <= 3
     assert done.monitor_after >= done.monitor_pruned
     assert abs(accuracy(model, data.monitor) - done.monitor_after) < 1e-9  # best epoch restored
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in conv_state.items())
+    if scope == "head":  # the conv stack, its BatchNorm statistics included, is left exactly as it was
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in conv_state.items())
+    assert invariance_error(model, data.test.x) < 1e-5
 
 
 # ----------------------------------------------------------------------------- configuration
