@@ -6,7 +6,7 @@ row reports parameters, size on disk, accuracy on upright and on 90-degree-rotat
 gap, and the conv stack's rotation-invariance error. Writes results.json, table.md and
 equivariant.png into --out.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repro_equivariant.py --config configs/equivariant.yaml \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/repro_equivariant.py --config configs/recipes/equivariant.yaml \
         --out runs/equivariant
 
 About 5 minutes on 2 shared CPU cores with one thread (two threads competing with another job for the
@@ -105,7 +105,7 @@ def plot(rows: list[Row], ratios: list[float], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/equivariant.yaml", help="YAML settings (see the file)")
+    ap.add_argument("--config", default="configs/recipes/equivariant.yaml", help="YAML settings (see the file)")
     ap.add_argument("--out", default="runs/equivariant", help="folder for results.json, table.md, equivariant.png")
     args = ap.parse_args(argv)
     try:

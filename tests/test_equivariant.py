@@ -222,7 +222,7 @@ def test_missing_or_malformed_config_file(tmp_path):
 
 
 def test_shipped_config_is_valid():
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "equivariant.yaml")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "recipes" / "equivariant.yaml")
     assert cfg.prune.ratios == [0.3, 0.4, 0.5] and cfg.distill.temperature == 4.0 and cfg.distill.alpha == 0.7
 
 

@@ -139,7 +139,7 @@ def parse_config(data: object, source: str = "config") -> EquivariantConfig:
 
 
 def load_config(path: str | Path) -> EquivariantConfig:
-    """Read and validate the pipeline's YAML file (e.g. configs/equivariant.yaml)."""
+    """Read and validate the pipeline's YAML file (e.g. configs/recipes/equivariant.yaml)."""
     try:
         text = Path(path).read_text()
         return parse_config(yaml.safe_load(text), str(path))

@@ -1,0 +1,81 @@
+"""Folding math: exact merges of duplicated units, the projection geometry (METHODS B.1, §6)."""
+import itertools
+
+import pytest
+import torch
+
+from secateur.pruning.folding import (cluster_units, fold_ar_gain, merge_maps, projection_error_fold,
+                                      projection_error_prune)
+
+
+def test_merge_maps_average_producers_and_sum_consumers():
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    p, c = merge_maps(labels, 3)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close((p @ w)[0], (w[0] + w[2]) / 2)
+    torch.testing.assert_close((p @ w)[2], w[3])
+    v = torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close((v @ c)[:, 1], v[:, 1] + v[:, 4])
+
+
+def test_folding_identical_rows_reproduces_a_two_layer_relu_net_exactly():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    labels_true = torch.tensor([0, 1, 2, 0, 1, 0])
+    w, b = base[labels_true], torch.randn(3, generator=g, dtype=torch.float64)[labels_true]
+    v = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    labels = cluster_units(torch.cat([w, b[:, None]], 1), 3)
+    assert all(len(set(labels[labels_true == t].tolist())) == 1 for t in range(3))
+    p, c = merge_maps(labels, 3)
+    x = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    before = torch.relu(x @ w.T + b) @ v.T
+    after = torch.relu(x @ (p @ w).T + p @ b) @ (v @ c).T
+    torch.testing.assert_close(after, before)
+
+
+def _best_fold_error(w, k):
+    """Optimal k-clustering error by enumerating all assignments (small n)."""
+    n, best = w.shape[0], float("inf")
+    for assign in itertools.product(range(k), repeat=n):
+        if len(set(assign)) == k:
+            best = min(best, projection_error_fold(w, torch.tensor(assign)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimal_k_plus_one_fold_is_never_worse_than_any_k_prune(seed):
+    w = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    k = 3
+    best_prune = min(projection_error_prune(w, torch.tensor(s)) for s in itertools.combinations(range(6), k))
+    assert _best_fold_error(w, k + 1) <= best_prune + 1e-12
+
+
+def test_prune_and_fold_errors_have_their_closed_forms():
+    w = torch.randn(5, 3, dtype=torch.float64)
+    assert projection_error_prune(w, torch.tensor([0, 2])) == pytest.approx(
+        float(w[[1, 3, 4]].square().sum()))
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    err = sum(float((w[labels == c] - w[labels == c].mean(0)).square().sum()) for c in range(2))
+    assert projection_error_fold(w, labels) == pytest.approx(err)
+
+
+def test_fold_ar_gain_restores_the_variance_of_a_cluster_mean():
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 3.0]], dtype=torch.float64)
+    gain = fold_ar_gain(rows, torch.tensor([0, 0, 1, 1]))
+    # orthogonal pair: rho = 0, gain sqrt(2); parallel pair: rho = 1, gain 1
+    torch.testing.assert_close(gain, torch.tensor([2 ** 0.5, 1.0], dtype=torch.float64))
+    # Monte Carlo: the mean of two unit-variance signals with correlation rho, times the gain
+    rho = 0.3
+    z = torch.randn(200000, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s = torch.stack([z[:, 0], rho * z[:, 0] + (1 - rho ** 2) ** 0.5 * z[:, 1]], 1)
+    r = torch.tensor([[1.0, 0.0], [rho, (1 - rho ** 2) ** 0.5]], dtype=torch.float64)
+    g = fold_ar_gain(r, torch.tensor([0, 0]))[0]
+    assert float((s.mean(1) * g).var()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_cluster_units_validates_k_and_fills_every_cluster():
+    rows = torch.ones(5, 3, dtype=torch.float64)           # all identical
+    labels = cluster_units(rows, 3)
+    assert sorted(labels.unique().tolist()) == [0, 1, 2]
+    with pytest.raises(ValueError, match="k"):
+        cluster_units(rows, 0)
