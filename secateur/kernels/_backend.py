@@ -29,3 +29,23 @@ def channel_dim(x: Tensor, dim: int) -> int:
 def reduce_dims(x: Tensor, dim: int) -> list[int]:
     """Every axis of `x` except the channel axis `dim`."""
     return [d for d in range(x.dim()) if d != dim]
+
+
+def as_3d(x: Tensor, dim: int) -> Tensor:
+    """Contiguous view (outer, C, inner) of `x` with its channel axis `dim` in the middle, the
+    layout every channel-wise Triton kernel here reads."""
+    c = x.shape[dim]
+    outer = 1
+    for s in x.shape[:dim]:
+        outer *= s
+    return x.contiguous().view(outer, c, -1)
+
+
+def channel_tiles(c: int, max_tile: int = 8192) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for kernels that hold all C channels of BLOCK_P positions in one tile:
+    BLOCK_C is C rounded up to a power of two, BLOCK_P fills the tile up to `max_tile` elements."""
+    import triton
+
+    block_c = triton.next_power_of_2(max(c, 1))
+    block_p = max(1, min(64, max_tile // block_c))
+    return block_c, triton.next_power_of_2(block_p)

@@ -3,9 +3,11 @@ the fly (TSRA fuses the same sum into its forward; this op serves every other ac
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import backend_for, channel_dim, reduce_dims
+from secateur.kernels._backend import as_3d, backend_for, channel_dim, reduce_dims
 
 
 def channel_sq_sum_reference(x: Tensor, dim: int = 1) -> Tensor:
@@ -33,5 +35,23 @@ def channel_sq_sum(x: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor
     return out.add_(s)
 
 
+@triton.jit
+def _sq_sum_kernel(x_ptr, out_ptr, P, C, INNER, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # BLOCK_P positions x BLOCK_C channels per program; partial sums go to out with atomics
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (pos < P)[:, None] & (ch < C)[None, :]
+    offs = ((pos // INNER) * C * INNER + pos % INNER)[:, None] + (ch * INNER)[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + ch, tl.sum(x * x, axis=0), mask=ch < C)
+
+
 def _channel_sq_sum_triton(x: Tensor, dim: int) -> Tensor:
-    raise NotImplementedError("the Triton channel_sq_sum kernel is not written yet")
+    x3 = as_3d(x.detach(), dim) if x.dim() > 1 else x.detach().contiguous().view(1, -1, 1)
+    o, c, inner = x3.shape
+    out = torch.zeros(c, dtype=torch.float32, device=x.device)
+    block_c = min(64, triton.next_power_of_2(c))
+    block_p = 128
+    grid = (max(1, -(-(o * inner) // block_p)), -(-c // block_c))
+    _sq_sum_kernel[grid](x3, out, o * inner, c, inner, BLOCK_P=block_p, BLOCK_C=block_c)
+    return out

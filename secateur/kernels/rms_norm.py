@@ -4,9 +4,11 @@ DependencyGraph sees a channel pass-through)."""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import backend_for, channel_dim
+from secateur.kernels._backend import as_3d, backend_for, channel_dim, channel_tiles
 
 
 def rms_norm_forward_reference(x: Tensor, dim: int, eps: float) -> Tensor:
@@ -24,12 +26,55 @@ def rms_norm_backward_reference(x: Tensor, grad_out: Tensor, dim: int, eps: floa
     return (inv * (gf - y * (gf * y).mean(dim, keepdim=True))).to(x.dtype)
 
 
+# ---- Triton: BLOCK_P positions x all C channels per program, as in tsra.py.
+
+@triton.jit
+def _rms_fwd_kernel(x_ptr, out_ptr, P, C, INNER, eps, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    m = (pos < P)[:, None] & (ch < C)[None, :]
+    offs = ((pos // INNER) * C * INNER + pos % INNER)[:, None] + (ch * INNER)[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+    tl.store(out_ptr + offs, (x * inv[:, None]).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rms_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, INNER, eps, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    m = (pos < P)[:, None] & (ch < C)[None, :]
+    offs = ((pos // INNER) * C * INNER + pos % INNER)[:, None] + (ch * INNER)[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+    y = x * inv[:, None]
+    gy = tl.sum(g * y, axis=1) / C
+    dx = inv[:, None] * (g - y * gy[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _grid(x: Tensor, dim: int):
+    x3 = as_3d(x, dim)
+    o, c, inner = x3.shape
+    block_c, block_p = channel_tiles(c)
+    return x3, c, inner, o * inner, block_c, block_p, (max(1, -(-(o * inner) // block_p)),)
+
+
 def _rms_norm_triton_forward(x: Tensor, dim: int, eps: float) -> Tensor:
-    raise NotImplementedError("the Triton RMSNorm forward is not written yet")
+    x3, c, inner, positions, block_c, block_p, grid = _grid(x, dim)
+    out = torch.empty_like(x3)
+    _rms_fwd_kernel[grid](x3, out, positions, c, inner, eps, BLOCK_P=block_p, BLOCK_C=block_c)
+    return out.view(x.shape)
 
 
 def _rms_norm_triton_backward(x: Tensor, grad_out: Tensor, dim: int, eps: float) -> Tensor:
-    raise NotImplementedError("the Triton RMSNorm backward is not written yet")
+    x3, c, inner, positions, block_c, block_p, grid = _grid(x, dim)
+    dx = torch.empty_like(x3)
+    _rms_bwd_kernel[grid](x3, as_3d(grad_out, dim), dx, positions, c, inner, eps,
+                          BLOCK_P=block_p, BLOCK_C=block_c)
+    return dx.view(x.shape)
 
 
 class RMSNormFunction(torch.autograd.Function):

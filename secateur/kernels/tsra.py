@@ -13,9 +13,11 @@ importance at no extra launch.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import backend_for, channel_dim, reduce_dims
+from secateur.kernels._backend import as_3d, backend_for, channel_dim, channel_tiles, reduce_dims
 
 
 def _gains(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float, eps: float):
@@ -66,14 +68,99 @@ def tsra_backward_reference(x: Tensor, grad_out: Tensor, dim: int, split: int, a
     return torch.cat([dxu, dxv], dim).to(x.dtype)
 
 
+# ---- Triton: one program holds BLOCK_P positions x all C channels (position p = o*INNER + i of
+# the (outer, C, inner) layout), so each norm, gain and backward reduction is one pass in registers.
+
+@triton.jit
+def _gains_tl(x, cmask, in_u, a, b_u, b_v, eps):
+    xu = tl.where(in_u & cmask, x, 0.0)
+    xv = tl.where((~in_u) & cmask, x, 0.0)
+    su2 = tl.sum(xu * xu, axis=1)
+    sv2 = tl.sum(xv * xv, axis=1)
+    su = tl.sqrt(su2)
+    s = tl.sqrt(su2 + sv2)
+    r = su / (s + eps)
+    gu = tl.sigmoid(a * (r - b_u))
+    gv = tl.sigmoid(a * (r - b_v))
+    return gu, gv, su, s
+
+@triton.jit
+def _tsra_fwd_kernel(x_ptr, out_ptr, stats_ptr, P, C, INNER, split, a, b_u, b_v, eps,
+        HAS_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one program: BLOCK_P positions x all C channels; position p = o * INNER + i
+    pid = tl.program_id(0)
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    pmask = pos < P
+    cmask = ch < C
+    o = pos // INNER
+    i = pos % INNER
+    offs = (o * C * INNER + i)[:, None] + (ch * INNER)[None, :]
+    m = pmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    in_u = (ch < split)[None, :]
+    gu, gv, su, s = _gains_tl(x, cmask[None, :], in_u, a, b_u, b_v, eps)
+    out = x * tl.where(in_u, gu[:, None], gv[:, None])
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+    if HAS_STATS:
+        sq = tl.where(m, out * out, 0.0)
+        tl.atomic_add(stats_ptr + ch, tl.sum(sq, axis=0), mask=cmask)
+
+@triton.jit
+def _tsra_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, INNER, split, a, b_u, b_v, eps,
+        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    ch = tl.arange(0, BLOCK_C)
+    pmask = pos < P
+    cmask = ch < C
+    o = pos // INNER
+    i = pos % INNER
+    offs = (o * C * INNER + i)[:, None] + (ch * INNER)[None, :]
+    m = pmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    go = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    in_u = (ch < split)[None, :]
+    gu, gv, su, s = _gains_tl(x, cmask[None, :], in_u, a, b_u, b_v, eps)
+    big_a = tl.sum(tl.where(in_u, go * x, 0.0), axis=1)
+    big_b = tl.sum(tl.where(in_u, 0.0, go * x), axis=1)
+    g = a * (big_a * gu * (1 - gu) + big_b * gv * (1 - gv))
+    se = s + eps
+    inv_su = tl.where(su > 0, 1.0 / tl.maximum(su, 1e-30), 0.0)
+    inv_s = tl.where(s > 0, 1.0 / tl.maximum(s, 1e-30), 0.0)
+    cross = su * inv_s / (se * se)
+    coef = tl.where(in_u, (g * (inv_su / se - cross))[:, None], (-g * cross)[:, None])
+    dx = tl.where(in_u, gu[:, None], gv[:, None]) * go + coef * x
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def _launch_args(x: Tensor, dim: int):
+    x3 = as_3d(x, dim)
+    o, c, inner = x3.shape
+    block_c, block_p = channel_tiles(c)
+    positions = o * inner
+    grid = (max(1, -(-positions // block_p)),)
+    return x3, c, inner, positions, block_c, block_p, grid
+
+
 def _tsra_triton_forward(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
                          eps: float, stats: Tensor | None) -> Tensor:
-    raise NotImplementedError("the Triton TSRA forward is not written yet")
+    x3, c, inner, positions, block_c, block_p, grid = _launch_args(x, dim)
+    out = torch.empty_like(x3)
+    _tsra_fwd_kernel[grid](x3, out, stats if stats is not None else out, positions, c, inner,
+                           split, a, b_u, b_v, eps, HAS_STATS=stats is not None,
+                           BLOCK_P=block_p, BLOCK_C=block_c)
+    return out.view(x.shape)
 
 
 def _tsra_triton_backward(x: Tensor, grad_out: Tensor, dim: int, split: int, a: float, b_u: float,
                           b_v: float, eps: float) -> Tensor:
-    raise NotImplementedError("the Triton TSRA backward is not written yet")
+    x3, c, inner, positions, block_c, block_p, grid = _launch_args(x, dim)
+    g3 = as_3d(grad_out, dim)
+    dx = torch.empty_like(x3)
+    _tsra_bwd_kernel[grid](x3, g3, dx, positions, c, inner, split, a, b_u, b_v, eps,
+                           BLOCK_P=block_p, BLOCK_C=block_c)
+    return dx.view(x.shape)
 
 
 class TSRAFunction(torch.autograd.Function):
