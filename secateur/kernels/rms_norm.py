@@ -9,6 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from secateur.kernels._backend import as_3d, backend_for, channel_dim, channel_tiles
+from secateur.kernels._tiles import channel_tile
 
 
 def rms_norm_forward_reference(x: Tensor, dim: int, eps: float) -> Tensor:
@@ -30,10 +31,7 @@ def rms_norm_backward_reference(x: Tensor, grad_out: Tensor, dim: int, eps: floa
 
 @triton.jit
 def _rms_fwd_kernel(x_ptr, out_ptr, P, C, INNER, eps, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, BLOCK_C)
-    m = (pos < P)[:, None] & (ch < C)[None, :]
-    offs = ((pos // INNER) * C * INNER + pos % INNER)[:, None] + (ch * INNER)[None, :]
+    offs, m, ch, cmask = channel_tile(P, C, INNER, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
     tl.store(out_ptr + offs, (x * inv[:, None]).to(out_ptr.dtype.element_ty), mask=m)
@@ -42,10 +40,7 @@ def _rms_fwd_kernel(x_ptr, out_ptr, P, C, INNER, eps, BLOCK_P: tl.constexpr, BLO
 @triton.jit
 def _rms_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, INNER, eps, BLOCK_P: tl.constexpr,
                     BLOCK_C: tl.constexpr):
-    pos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, BLOCK_C)
-    m = (pos < P)[:, None] & (ch < C)[None, :]
-    offs = ((pos // INNER) * C * INNER + pos % INNER)[:, None] + (ch * INNER)[None, :]
+    offs, m, ch, cmask = channel_tile(P, C, INNER, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from secateur.kernels._backend import as_3d, backend_for, channel_dim, channel_tiles, reduce_dims
+from secateur.kernels._tiles import channel_tile
 
 
 def _gains(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float, eps: float):
@@ -87,16 +88,7 @@ def _gains_tl(x, cmask, in_u, a, b_u, b_v, eps):
 @triton.jit
 def _tsra_fwd_kernel(x_ptr, out_ptr, stats_ptr, P, C, INNER, split, a, b_u, b_v, eps,
         HAS_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # one program: BLOCK_P positions x all C channels; position p = o * INNER + i
-    pid = tl.program_id(0)
-    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, BLOCK_C)
-    pmask = pos < P
-    cmask = ch < C
-    o = pos // INNER
-    i = pos % INNER
-    offs = (o * C * INNER + i)[:, None] + (ch * INNER)[None, :]
-    m = pmask[:, None] & cmask[None, :]
+    offs, m, ch, cmask = channel_tile(P, C, INNER, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     in_u = (ch < split)[None, :]
     gu, gv, su, s = _gains_tl(x, cmask[None, :], in_u, a, b_u, b_v, eps)
@@ -109,15 +101,7 @@ def _tsra_fwd_kernel(x_ptr, out_ptr, stats_ptr, P, C, INNER, split, a, b_u, b_v,
 @triton.jit
 def _tsra_bwd_kernel(x_ptr, g_ptr, dx_ptr, P, C, INNER, split, a, b_u, b_v, eps,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    pos = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    ch = tl.arange(0, BLOCK_C)
-    pmask = pos < P
-    cmask = ch < C
-    o = pos // INNER
-    i = pos % INNER
-    offs = (o * C * INNER + i)[:, None] + (ch * INNER)[None, :]
-    m = pmask[:, None] & cmask[None, :]
+    offs, m, ch, cmask = channel_tile(P, C, INNER, BLOCK_P, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     go = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     in_u = (ch < split)[None, :]
