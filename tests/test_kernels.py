@@ -129,3 +129,19 @@ def test_bad_arguments_raise_one_clear_error(monkeypatch):
         backend_for(x)
     monkeypatch.setenv("SECATEUR_BACKEND", "torch")
     assert backend_for(x) == "torch"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,dim,split", SHAPES)
+def test_torch_production_path_matches_the_reference(monkeypatch, shape, dim, split, dtype):
+    monkeypatch.setenv("SECATEUR_BACKEND", "torch")
+    x = _rand(shape, dtype)
+    d = dim % len(shape)
+    sp = shape[d] // 2 if split is None else split
+    stats = torch.zeros(shape[d], device=DEV)
+    y = tsra(x, dim, split, stats=stats)
+    tol = TOL.get(dtype, dict(rtol=1e-12, atol=1e-12))
+    torch.testing.assert_close(y, tsra_forward_reference(x, d, sp, 5.0, 0.5, 0.7, 1e-12), **tol)
+    out = tsra_forward_reference(x.double(), d, sp, 5.0, 0.5, 0.7, 1e-12)
+    expected = out.square().sum([i for i in range(len(shape)) if i != d]).float()
+    torch.testing.assert_close(stats, expected, rtol=1e-4 if dtype != torch.bfloat16 else 2e-2, atol=1e-4)
