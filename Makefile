@@ -54,7 +54,7 @@ test: install data warm
 	$(BIN)/python -m pytest -q tests
 
 bench: install data warm
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only
+	$(BIN)/python -m pytest -q benchmarks/bench_kernels.py --benchmark-only
 	$(BIN)/secateur bench kernels --json $(CACHE)/bench_kernels.json
 
 clean:
