@@ -74,16 +74,20 @@ def coefficients(W: Tensor, lam: float = 1e-3) -> Tensor:
 
 
 def rowwise_scores(W: Tensor, lam: float = 1e-3) -> Tensor:
-    """The per-row formulation (one ridge solve per row): the baseline and test oracle."""
+    """The per-row formulation (one ridge solve per row, on the shared Gram matrix): the
+    baseline and test oracle. d_i^2 = G_ii - 2 q.b + q^T A q with A = G[-i,-i] + lam I,
+    b = G[-i, i] and q = A^-1 b (the ridge penalty itself is not part of the residual)."""
     lam = _check_lam(lam)
     w = _flat(W)
     n = w.shape[0]
+    g = w @ w.T
     out = torch.empty(n, dtype=torch.float64)
+    eye = torch.eye(n - 1, dtype=torch.float64)
     for i in range(n):
-        others = torch.cat([w[:i], w[i + 1:]])
-        a = others @ others.T + lam * torch.eye(n - 1, dtype=torch.float64)
-        q = torch.linalg.solve(a, others @ w[i])
-        out[i] = (others.T @ q - w[i]).norm()
+        rest = torch.cat([torch.arange(i), torch.arange(i + 1, n)])
+        a, b = g[rest][:, rest], g[rest, i]
+        q = torch.linalg.solve(a + lam * eye, b)
+        out[i] = (g[i, i] - 2 * q @ b + q @ a @ q).clamp_min(0).sqrt()
     return out
 
 
