@@ -145,3 +145,18 @@ def test_torch_production_path_matches_the_reference(monkeypatch, shape, dim, sp
     out = tsra_forward_reference(x.double(), d, sp, 5.0, 0.5, 0.7, 1e-12)
     expected = out.square().sum([i for i in range(len(shape)) if i != d]).float()
     torch.testing.assert_close(stats, expected, rtol=1e-4 if dtype != torch.bfloat16 else 2e-2, atol=1e-4)
+
+
+def test_bench_command_writes_its_json(tmp_path, capsys):
+    import json
+
+    from secateur.cli import main
+
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--quick", "--repeats", "1", "--no-compile", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    ops = {(o["op"], o["device"], o["backend"]) for o in res["ops"]}
+    assert {("tsra_fwd_stats", "cpu", "torch"), ("gram", "cpu", "torch")} <= ops
+    assert all(o["ms"] > 0 and (o["GB/s"] or o["GFLOP/s"]) > 0 for o in res["ops"])
+    assert "overhead_pct" in res["tsra_stats_overhead_cpu"]
+    assert "tsra_fwd_stats" in capsys.readouterr().out

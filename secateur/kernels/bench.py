@@ -68,7 +68,7 @@ def _cases(dev: str, quick: bool):
     }, tuple(x.shape), (n, m)
 
 
-def run(quick: bool = False, repeats: int | None = None) -> dict:
+def run(quick: bool = False, repeats: int | None = None, compile_cpu: bool = True) -> dict:
     repeats = repeats or (5 if quick else 15)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {"meta": {"machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
@@ -89,7 +89,8 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
                     "shape": list(gram_shape if k == "gram" else act_shape)})
     os.environ.pop("SECATEUR_BACKEND", None)
     results["tsra_stats_overhead_cpu"] = _stats_overhead(quick, repeats)
-    results["tsra_eager_vs_compile_cpu"] = _eager_vs_compile(quick, repeats)
+    if compile_cpu:
+        results["tsra_eager_vs_compile_cpu"] = _eager_vs_compile(quick, repeats)
     return results
 
 
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip TSRA eager vs torch.compile")
     args = ap.parse_args(argv)
-    res = run(args.quick, args.repeats)
+    res = run(args.quick, args.repeats, compile_cpu=not args.no_compile)
     print(f"{'op':20s} {'device':6s} {'backend':7s} {'ms':>9s} {'GB/s':>8s} {'GFLOP/s':>8s}")
     for r in res["ops"]:
         gbs = f"{r['GB/s']:.1f}" if r["GB/s"] else "-"
@@ -138,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     o = res["tsra_stats_overhead_cpu"]
     print(f"TSRA fused stats on CPU: {o['plain_ms']:.3f} ms -> {o['stats_ms']:.3f} ms "
           f"({o['overhead_pct']:+.1f}%)")
-    e = res["tsra_eager_vs_compile_cpu"]
-    print(f"TSRA torch.compile on CPU: forward x{e['fwd_speedup']:.2f}, backward x{e['bwd_speedup']:.2f}")
+    if "tsra_eager_vs_compile_cpu" in res:
+        e = res["tsra_eager_vs_compile_cpu"]
+        print(f"TSRA torch.compile on CPU: forward x{e['fwd_speedup']:.2f}, "
+              f"backward x{e['bwd_speedup']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
