@@ -44,7 +44,11 @@ def secateur_cli(*args: str) -> None:
     cmd = [str(exe) if exe.exists() else "secateur", *args]
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if res.returncode != 0:     # the progress bar is noise; show the error lines only
+        sys.stderr.write(res.stderr[-4000:])
+        raise subprocess.CalledProcessError(res.returncode, cmd)
+    print(res.stdout.strip(), flush=True)
 
 
 def ensure_run(config: str, run_dir: str) -> Path:
