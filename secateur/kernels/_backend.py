@@ -26,11 +26,6 @@ def channel_dim(x: Tensor, dim: int) -> int:
     return dim % x.dim()
 
 
-def reduce_dims(x: Tensor, dim: int) -> list[int]:
-    """Every axis of `x` except the channel axis `dim`."""
-    return [d for d in range(x.dim()) if d != dim]
-
-
 def as_3d(x: Tensor, dim: int) -> Tensor:
     """Contiguous view (outer, C, inner) of `x` with its channel axis `dim` in the middle, the
     layout every channel-wise Triton kernel here reads."""

@@ -7,16 +7,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import as_3d, backend_for, channel_dim, reduce_dims
+from secateur.kernels._backend import as_3d, backend_for, channel_dim
 
 
 def channel_sq_sum_reference(x: Tensor, dim: int = 1) -> Tensor:
-    """fp32 (C,) sum over every axis but `dim` of x**2."""
+    """fp32 (C,) sum over every axis but `dim` of x**2. Reduced over the contiguous inner
+    positions first, then over the outer axis: far faster on CPU than one strided reduction."""
     dim = channel_dim(x, dim)
-    xf = x.detach().float()
-    if x.dim() == 1:
-        return xf.square()
-    return torch.linalg.vector_norm(xf, dim=reduce_dims(x, dim)).square()
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x3 = as_3d(x.detach(), dim).to(wide)
+    return (x3 * x3).sum(2).sum(0).float()
 
 
 def channel_sq_sum(x: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor:
