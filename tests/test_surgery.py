@@ -145,3 +145,25 @@ def test_bad_surgery_arguments_raise_value_errors():
     with pytest.raises(ValueError, match="consumer_scale"):
         rescale_units(grp, consumer_scale=torch.ones(3))
     assert copy.deepcopy(model).net[1].out_features == 5      # nothing was changed
+
+
+def test_batchnorm_reset_recomputes_running_statistics_from_data():
+    from secateur.pruning import reset_batchnorm_stats
+
+    torch.manual_seed(4)
+    model = VGGTSRA(1, 4, widths=(6, "M", 10), fc=(7,), act="relu", dropout=0.5)
+    xs = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    with torch.no_grad():
+        model.features[1].running_mean.fill_(5.0)          # stale statistics, as after surgery
+    assert reset_batchnorm_stats(model, xs) == 24 and not model.training
+    x = torch.cat(xs)
+    with torch.no_grad():
+        pre = model.features[0](x)                          # the first BN's input
+    bn = model.features[1]
+    torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    # a cumulative average of the per-batch (unbiased) variances
+    per_batch = torch.stack([p.var((0, 2, 3), unbiased=True) for p in pre.split(8)])
+    torch.testing.assert_close(bn.running_var, per_batch.mean(0), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1
+    with pytest.raises(ValueError, match="BatchNorm"):
+        reset_batchnorm_stats(MLP(4, 2, hidden=(3,)), xs)
