@@ -106,3 +106,27 @@ def test_cosep_keeps_one_unit_per_planted_type():
         model(centers[y] + 0.3 * torch.randn(64, 6, dtype=torch.float64))
     pruner.prune()
     assert model.net[1].out_features == 3
+
+
+def test_fold_ar_scales_batchnorm_gamma_by_the_cluster_gain_and_keeps_the_merged_statistics():
+    import copy
+
+    from secateur.pruning.folding import cluster_units, fold_ar_gain
+
+    torch.manual_seed(3)
+    model = VGGTSRA(1, 4, widths=(8,), fc=(6,), act="relu").eval()
+    with torch.no_grad():
+        bn = model.features[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    rows = model.unit_groups()[0].producer_rows().double()
+    labels = cluster_units(rows, 4, seed=42)
+    plain, repaired = copy.deepcopy(model), copy.deepcopy(model)
+    Pruner(plain, "fold", Rule("ratio", 0.5), layers=["features.0"], repair="none").prune()
+    Pruner(repaired, "fold", Rule("ratio", 0.5), layers=["features.0"], repair="fold_ar").prune()
+    a, b = plain.features[1], repaired.features[1]
+    torch.testing.assert_close(b.weight / a.weight, fold_ar_gain(rows, labels).float())
+    torch.testing.assert_close(b.running_mean, a.running_mean)
+    counts = torch.bincount(labels).float()
+    expected_mean = torch.zeros(4).index_add_(0, labels, bn.running_mean) / counts
+    torch.testing.assert_close(a.running_mean, expected_mean)

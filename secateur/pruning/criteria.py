@@ -351,19 +351,16 @@ class FoldCriterion(Criterion):
     @torch.no_grad()
     def _fold_ar(group: UnitGroup, gain: Tensor) -> None:
         """Data-free repair (METHODS B.2): a merged cluster's pre-activation variance shrinks by
-        (1 + (n_c - 1) rho_c) / n_c; the gain undoes it. With BatchNorm the gain multiplies gamma
-        and the running statistics are reset to mean 0 / variance 1; without a norm it scales the
-        merged unit's producer weights and bias (the same pre-activation, for a homogeneous
-        activation such as ReLU)."""
+        (1 + (n_c - 1) rho_c) / n_c; the gain undoes it. With BatchNorm the gain multiplies gamma;
+        the merged running mean and variance stay the cluster means of the members' statistics
+        (the merged pre-activation's mean is exactly the mean of the members' means; resetting them
+        to 0 / 1 collapsed a trained network to chance). Without a norm the gain scales the merged
+        unit's producer weights and bias (the same pre-activation, for a homogeneous activation
+        such as ReLU)."""
         if group.norms:
             for s in group.norms:
-                t = s.tensor
                 if s.name == "weight":
-                    t.mul_(gain.to(t.dtype).to(t.device))
-                elif s.name == "running_mean":
-                    t.zero_()
-                elif s.name == "running_var":
-                    t.fill_(1.0)
+                    s.tensor.mul_(gain.to(s.tensor.dtype).to(s.tensor.device))
             return
         for s in group.producers:
             t = s.tensor
