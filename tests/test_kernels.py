@@ -134,17 +134,27 @@ def test_bad_arguments_raise_one_clear_error(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape,dim,split", SHAPES)
 def test_torch_production_path_matches_the_reference(monkeypatch, shape, dim, split, dtype):
+    # the CPU path (one buffer, gains saved for the backward) against the unfused reference
     monkeypatch.setenv("SECATEUR_BACKEND", "torch")
-    x = _rand(shape, dtype)
+    x = _rand(shape, dtype).requires_grad_()
+    g = _rand(shape, dtype, 1)
     d = dim % len(shape)
     sp = shape[d] // 2 if split is None else split
     stats = torch.zeros(shape[d], device=DEV)
     y = tsra(x, dim, split, stats=stats)
+    y.backward(g)
     tol = TOL.get(dtype, dict(rtol=1e-12, atol=1e-12))
-    torch.testing.assert_close(y, tsra_forward_reference(x, d, sp, 5.0, 0.5, 0.7, 1e-12), **tol)
-    out = tsra_forward_reference(x.double(), d, sp, 5.0, 0.5, 0.7, 1e-12)
+    xd = x.detach()
+    torch.testing.assert_close(y, tsra_forward_reference(xd, d, sp, 5.0, 0.5, 0.7, 1e-12), **tol)
+    torch.testing.assert_close(x.grad, tsra_backward_reference(xd, g, d, sp, 5.0, 0.5, 0.7, 1e-12), **tol)
+    out = tsra_forward_reference(xd.double(), d, sp, 5.0, 0.5, 0.7, 1e-12)
     expected = out.square().sum([i for i in range(len(shape)) if i != d]).float()
     torch.testing.assert_close(stats, expected, rtol=1e-4 if dtype != torch.bfloat16 else 2e-2, atol=1e-4)
+    x.grad = None
+    y = rms_norm2d(x, dim)
+    y.backward(g)
+    torch.testing.assert_close(y, rms_norm_forward_reference(xd, d, 1e-6), **tol)
+    torch.testing.assert_close(x.grad, rms_norm_backward_reference(xd, g, d, 1e-6), **tol)
 
 
 def test_bench_command_writes_its_json(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 BACKENDS = ("torch", "triton")
@@ -24,6 +25,11 @@ def channel_dim(x: Tensor, dim: int) -> int:
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} is out of range for a {x.dim()}-d tensor")
     return dim % x.dim()
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The accumulation dtype of the torch paths: float64 stays float64, the rest computes in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def as_3d(x: Tensor, dim: int) -> Tensor:

@@ -7,13 +7,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import backend_for
+from secateur.kernels._backend import acc_dtype, backend_for
 
 
 def gram_reference(w: Tensor, lam: float = 0.0) -> Tensor:
     """(..., n, m) -> (..., n, n) = w @ w.mT + lam*I; fp16/bf16/fp32 in, fp32 out; float64 stays."""
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    w = w.to(acc)
+    w = w.to(acc_dtype(w))
     g = w @ w.mT
     if lam:
         g.diagonal(dim1=-2, dim2=-1).add_(lam)

@@ -7,15 +7,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import as_3d, backend_for, channel_dim
+from secateur.kernels._backend import acc_dtype, as_3d, backend_for, channel_dim
 
 
 def channel_sq_sum_reference(x: Tensor, dim: int = 1) -> Tensor:
     """fp32 (C,) sum over every axis but `dim` of x**2. Reduced over the contiguous inner
     positions first, then over the outer axis: far faster on CPU than one strided reduction."""
     dim = channel_dim(x, dim)
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x3 = as_3d(x.detach(), dim).to(wide)
+    x3 = as_3d(x.detach(), dim).to(acc_dtype(x))
     return (x3 * x3).sum(2).sum(0).float()
 
 

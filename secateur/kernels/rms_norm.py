@@ -8,20 +8,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import as_3d, backend_for, channel_dim, channel_tiles
+from secateur.kernels._backend import acc_dtype, as_3d, backend_for, channel_dim, channel_tiles
 from secateur.kernels._tiles import channel_tile
 
 
 def rms_norm_forward_reference(x: Tensor, dim: int, eps: float) -> Tensor:
-    xf = x if x.dtype == torch.float64 else x.float()
+    xf = x.to(acc_dtype(x))
     inv = torch.rsqrt(xf.square().mean(dim, keepdim=True) + eps)
     return (xf * inv).to(x.dtype)
 
 
 def rms_norm_backward_reference(x: Tensor, grad_out: Tensor, dim: int, eps: float) -> Tensor:
     """dL/dx = inv (g - y <g, y>/C) with y = x inv, inv = (mean x^2 + eps)^-1/2."""
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf, gf = x.to(wide), grad_out.to(wide)
+    xf, gf = x.to(acc_dtype(x)), grad_out.to(acc_dtype(x))
     inv = torch.rsqrt(xf.square().mean(dim, keepdim=True) + eps)
     y = xf * inv
     return (inv * (gf - y * (gf * y).mean(dim, keepdim=True))).to(x.dtype)
@@ -72,22 +71,44 @@ def _rms_norm_triton_backward(x: Tensor, grad_out: Tensor, dim: int, eps: float)
     return dx.view(x.shape)
 
 
+def rms_norm_forward_torch(x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
+    """The CPU production forward: x^2 goes into the buffer that then receives the output (one
+    activation-sized allocation). Returns (y in x's dtype, inv (outer, 1, inner) fp32/fp64)."""
+    x3 = as_3d(x, dim).to(acc_dtype(x))
+    buf = x3.square()
+    inv = buf.sum(1, keepdim=True).div_(x3.shape[1]).add_(eps).rsqrt_()
+    return torch.mul(x3, inv, out=buf).view(x.shape).to(x.dtype), inv
+
+
+def rms_norm_backward_torch(x: Tensor, grad_out: Tensor, dim: int, inv: Tensor) -> Tensor:
+    """The CPU production backward from the forward's inv: with <g, x> the per-position sum over
+    channels, dL/dx = inv g - x inv^3 <g, x> / C (the reference's formula with y = x inv)."""
+    x3, g3 = as_3d(x, dim).to(inv.dtype), as_3d(grad_out, dim).to(inv.dtype)
+    buf = g3 * x3
+    k = buf.sum(1, keepdim=True).mul_(inv.pow(3)).div_(-x3.shape[1])
+    return torch.mul(g3, inv, out=buf).addcmul_(x3, k).view(x.shape).to(x.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
+    """One autograd node; the torch path also keeps the per-position inv (1/C of x's size)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, eps: float) -> Tensor:
-        ctx.save_for_backward(x)
         ctx.args = (dim, eps)
         if backend_for(x) == "triton":
+            ctx.save_for_backward(x)
             return _rms_norm_triton_forward(x, dim, eps)
-        return rms_norm_forward_reference(x, dim, eps)
+        y, inv = rms_norm_forward_torch(x.detach(), dim, eps)
+        ctx.save_for_backward(x, inv)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
+        x, *inv = ctx.saved_tensors
         dim, eps = ctx.args
-        if backend_for(x) == "triton":
+        if not inv:
             return _rms_norm_triton_backward(x, grad_out.contiguous(), dim, eps), None, None
-        return rms_norm_backward_reference(x, grad_out, dim, eps), None, None
+        return rms_norm_backward_torch(x, grad_out, dim, inv[0]), None, None
 
 
 def rms_norm2d(x: Tensor, dim: int = 1, eps: float = 1e-6) -> Tensor:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from secateur.kernels._backend import as_3d, backend_for, channel_dim, channel_tiles
+from secateur.kernels._backend import acc_dtype, as_3d, backend_for, channel_dim, channel_tiles
 from secateur.kernels._tiles import channel_tile
 
 
@@ -36,7 +36,7 @@ def _gains(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float, ep
 def tsra_forward_reference(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
                            eps: float) -> Tensor:
     """The TSRA output, computed in fp32 (float64 stays float64), returned in x's dtype."""
-    xf = x if x.dtype == torch.float64 else x.float()
+    xf = x.to(acc_dtype(x))
     gu, gv, _, _ = _gains(xf, dim, split, a, b_u, b_v, eps)
     c = x.shape[dim]
     out = torch.cat([xf.narrow(dim, 0, split) * gu, xf.narrow(dim, split, c - split) * gv], dim)
@@ -51,22 +51,27 @@ def tsra_backward_reference(x: Tensor, grad_out: Tensor, dim: int, split: int, a
         dL/dx_U = g_U gout_U + G x_U (1/(s_U (s+eps)) - s_U/(s (s+eps)^2))
         dL/dx_V = g_V gout_V - G x_V s_U/(s (s+eps)^2)
     (terms with s_U = 0 or s = 0 are taken as 0: r has a kink there)."""
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = acc_dtype(x)
     xf, gf = x.to(wide), grad_out.to(wide)
     c = x.shape[dim]
     gu, gv, su, s = _gains(xf, dim, split, a, b_u, b_v, eps)
     xu, xv = xf.narrow(dim, 0, split), xf.narrow(dim, split, c - split)
     gou, gov = gf.narrow(dim, 0, split), gf.narrow(dim, split, c - split)
-    big_a = (gou * xu).sum(dim, keepdim=True)
-    big_b = (gov * xv).sum(dim, keepdim=True)
+    cu, cv = _input_coefs((gou * xu).sum(dim, keepdim=True), (gov * xv).sum(dim, keepdim=True),
+                          gu, gv, su, s, a, eps)
+    return torch.cat([gu * gou + cu * xu, gv * gov + cv * xv], dim).to(x.dtype)
+
+
+def _input_coefs(big_a: Tensor, big_b: Tensor, gu: Tensor, gv: Tensor, su: Tensor, s: Tensor,
+                 a: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-position c_U, c_V with dL/dx_Z = g_Z gout_Z + c_Z x_Z (see tsra_backward_reference)."""
+    tiny = torch.finfo(su.dtype).tiny
     g = a * (big_a * gu * (1 - gu) + big_b * gv * (1 - gv))
     se = s + eps
-    inv_su = torch.where(su > 0, 1.0 / su.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(su))
-    inv_s = torch.where(s > 0, 1.0 / s.clamp_min(torch.finfo(wide).tiny), torch.zeros_like(s))
+    inv_su = torch.where(su > 0, 1.0 / su.clamp_min(tiny), torch.zeros_like(su))
+    inv_s = torch.where(s > 0, 1.0 / s.clamp_min(tiny), torch.zeros_like(s))
     cross = su * inv_s / (se * se)               # -dr/d|x| part shared by both subspaces
-    dxu = gu * gou + g * xu * (inv_su / se - cross)
-    dxv = gv * gov - g * xv * cross
-    return torch.cat([dxu, dxv], dim).to(x.dtype)
+    return g * (inv_su / se - cross), -g * cross
 
 
 # ---- Triton: one program holds BLOCK_P positions x all C channels (position p = o*INNER + i of
@@ -148,55 +153,75 @@ def _tsra_triton_backward(x: Tensor, grad_out: Tensor, dim: int, split: int, a: 
 
 
 def tsra_forward_torch(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
-                       eps: float, stats: Tensor | None) -> Tensor:
-    """The CPU production path: the same function as the reference in fewer memory passes.
-    x^2 is formed once and serves both the subspace norms (a reduction over channels) and the
-    statistics (sum over positions of g^2 x^2, a batched matrix-vector product on it)."""
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x3 = as_3d(x, dim).to(wide)                              # (outer, C, inner)
+                       eps: float, stats: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The CPU production forward: the reference's function in fewer memory passes and one
+    activation-sized allocation. x^2 is formed once into the buffer that later receives the
+    output; it serves the subspace norms (a reduction over channels) and the statistics (sum over
+    positions of g^2 x^2, a batched matrix-vector product on it) before being overwritten.
+
+    Returns (out in x's dtype, (g_U, g_V, s_U, s)): the per-position quantities, each
+    (outer, 1, inner) in fp32/fp64, that the production backward reuses."""
+    x3 = as_3d(x, dim).to(acc_dtype(x))                     # (outer, C, inner)
     c = x3.shape[1]
-    sq = x3.square()
-    su2 = sq[:, :split].sum(1, keepdim=True)
-    s = (su2 + sq[:, split:].sum(1, keepdim=True)).sqrt_()
-    r = su2.sqrt_().div_(s.add_(eps))
+    buf = x3.square()
+    su2 = buf[:, :split].sum(1, keepdim=True)
+    su = su2.sqrt()
+    s = (su2 + buf[:, split:].sum(1, keepdim=True)).sqrt_()
+    r = su / (s + eps)
     gu = torch.sigmoid(a * (r - b_u))                        # (outer, 1, inner)
     gv = torch.sigmoid(a * (r - b_v))
-    out = torch.empty_like(x3)
-    torch.mul(x3[:, :split], gu, out=out[:, :split])
-    torch.mul(x3[:, split:], gv, out=out[:, split:])
     if stats is not None:
         for lo, hi, g in ((0, split, gu), (split, c, gv)):
             if hi == lo:
                 continue
             if x3.shape[2] == 1:                             # linear layer: one GEMV
-                part = (g.square().view(1, -1) @ sq[:, lo:hi, 0]).view(-1)
+                part = (g.square().view(1, -1) @ buf[:, lo:hi, 0]).view(-1)
             else:                                            # (outer, C_z, inner) @ (outer, inner, 1)
-                part = torch.bmm(sq[:, lo:hi], g.square().transpose(1, 2)).sum(0).view(-1)
+                part = torch.bmm(buf[:, lo:hi], g.square().transpose(1, 2)).sum(0).view(-1)
             stats[lo:hi] += part.to(stats.dtype)
-    return out.view(x.shape).to(x.dtype)
+    torch.mul(x3[:, :split], gu, out=buf[:, :split])         # x^2 is no longer needed
+    torch.mul(x3[:, split:], gv, out=buf[:, split:])
+    return buf.view(x.shape).to(x.dtype), (gu, gv, su, s)
+
+
+def tsra_backward_torch(x: Tensor, grad_out: Tensor, dim: int, split: int, a: float, eps: float,
+                        saved: tuple[Tensor, ...]) -> Tensor:
+    """The CPU production backward (same formula as `tsra_backward_reference`) from the forward's
+    per-position (g_U, g_V, s_U, s): two reductions over channels and one activation-sized
+    buffer that holds gout*x, then dL/dx."""
+    gu, gv, su, s = saved
+    x3, g3 = as_3d(x, dim).to(su.dtype), as_3d(grad_out, dim).to(su.dtype)
+    buf = g3 * x3
+    cu, cv = _input_coefs(buf[:, :split].sum(1, keepdim=True), buf[:, split:].sum(1, keepdim=True),
+                          gu, gv, su, s, a, eps)
+    torch.mul(g3[:, :split], gu, out=buf[:, :split]).addcmul_(x3[:, :split], cu)   # gout*x is spent
+    torch.mul(g3[:, split:], gv, out=buf[:, split:]).addcmul_(x3[:, split:], cv)
+    return buf.view(x.shape).to(x.dtype)
 
 
 class TSRAFunction(torch.autograd.Function):
-    """One autograd node for TSRA (forward saves only x; backward recomputes the gains)."""
+    """One autograd node for TSRA. The Triton path saves only x and recomputes the gains in its
+    backward kernel; the torch path also keeps the per-position gains and norms (1/C of x's size)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
                 eps: float, stats: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x)
         ctx.args = (dim, split, a, b_u, b_v, eps)
         if backend_for(x) == "triton":
+            ctx.save_for_backward(x)
             return _tsra_triton_forward(x, dim, split, a, b_u, b_v, eps, stats)
-        with torch.no_grad():
-            return tsra_forward_torch(x.detach(), dim, split, a, b_u, b_v, eps, stats)
+        out, saved = tsra_forward_torch(x.detach(), dim, split, a, b_u, b_v, eps, stats)
+        ctx.save_for_backward(x, *saved)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
+        x, *saved = ctx.saved_tensors
         dim, split, a, b_u, b_v, eps = ctx.args
-        if backend_for(x) == "triton":
+        if not saved:
             gx = _tsra_triton_backward(x, grad_out.contiguous(), dim, split, a, b_u, b_v, eps)
         else:
-            gx = tsra_backward_reference(x, grad_out, dim, split, a, b_u, b_v, eps)
+            gx = tsra_backward_torch(x, grad_out, dim, split, a, eps, tuple(saved))
         return gx, None, None, None, None, None, None, None
 
 
