@@ -168,5 +168,6 @@ def test_bench_command_writes_its_json(tmp_path, capsys):
     ops = {(o["op"], o["device"], o["backend"]) for o in res["ops"]}
     assert {("tsra_fwd_stats", "cpu", "torch"), ("gram", "cpu", "torch")} <= ops
     assert all(o["ms"] > 0 and (o["GB/s"] or o["GFLOP/s"]) > 0 for o in res["ops"])
-    assert "overhead_pct" in res["tsra_stats_overhead_cpu"]
+    assert [o["shape"] for o in res["tsra_stats_overhead_cpu"]] == [[64, 128, 16, 16], [32, 64, 16, 16]]
+    assert all("overhead_pct" in o for o in res["tsra_stats_overhead_cpu"])
     assert "tsra_fwd_stats" in capsys.readouterr().out

@@ -1,8 +1,11 @@
-"""`secateur bench kernels [--json FILE] [--quick]`: time every kernel op on the torch path (CPU,
-and CUDA when present) and the Triton path (CUDA only), and report achieved GB/s (channel-wise
-ops, bytes read + written once) or GFLOP/s (Gram, 2 n^2 m per matrix counting both triangles).
-Also: the cost of TSRA's fused statistics over a plain forward, and TSRA eager vs torch.compile.
-Timings are medians of interleaved repeats, measured side by side in one run."""
+"""`secateur bench kernels [--json FILE] [--quick] [--threads N]`: time every kernel op on the torch
+path (CPU, and CUDA when present) and the Triton path (CUDA only), and report achieved GB/s
+(channel-wise ops, bytes read + written once) or GFLOP/s (Gram, 2 n^2 m per matrix counting both
+triangles). Also: the cost of TSRA's fused statistics over a plain forward, and TSRA eager vs
+torch.compile on CPU. Timings are medians of interleaved repeats, measured side by side in one run.
+
+On a shared machine, 1 thread (`--threads 1`) gives far steadier CPU numbers than 2: with every
+core busy, a parallel region waits for its slowest thread."""
 from __future__ import annotations
 
 import argparse
@@ -23,25 +26,31 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fns: dict[str, Callable[[], object]], dev: str, repeats: int) -> dict[str, float]:
-    """Median wall time (ms) of each fn, interleaved so machine noise hits all alike."""
+def _times_ms(fns: dict[str, Callable[[], object]], dev: str, repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each fn over `repeats` rounds; in each round every fn runs once, in an
+    order that alternates between rounds, so machine noise and allocator state hit all alike."""
     for f in fns.values():       # warm-up (and compile)
         f()
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for rnd in range(repeats):
+        for k in names if rnd % 2 == 0 else names[::-1]:
             _sync(dev)
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             _sync(dev)
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _act_shape(quick: bool) -> tuple[int, int, int, int]:
+    return (32, 64, 16, 16) if quick else (64, 128, 32, 32)
 
 
 def _cases(dev: str, quick: bool):
-    c, hw, b = (64, 16, 32) if quick else (128, 32, 64)
-    x = torch.randn(b, c, hw, hw, device=dev)
+    x = torch.randn(*_act_shape(quick), device=dev)
+    c = x.shape[1]
     g = torch.randn_like(x)
     stats = torch.zeros(c, device=dev)
     xg = x.clone().requires_grad_()
@@ -49,79 +58,104 @@ def _cases(dev: str, quick: bool):
     w = torch.randn(n, m, device=dev)
     nbytes = x.numel() * x.element_size()
 
-    def fwd_bwd():
-        xg.grad = None
-        tsra(xg).backward(g)
-
-    def rms_bwd():
-        xg.grad = None
-        rms_norm2d(xg).backward(g)
+    def fwd_bwd(op):
+        def run():
+            xg.grad = None
+            op(xg).backward(g)
+        return run
 
     return {   # name: (fn, bytes moved, flops)
         "tsra_fwd": (lambda: tsra(x), 2 * nbytes, 0),
         "tsra_fwd_stats": (lambda: tsra(x, stats=stats), 2 * nbytes, 0),
-        "tsra_fwd_bwd": (fwd_bwd, 5 * nbytes, 0),
+        "tsra_fwd_bwd": (fwd_bwd(tsra), 5 * nbytes, 0),
         "rms_norm2d_fwd": (lambda: rms_norm2d(x), 2 * nbytes, 0),
-        "rms_norm2d_fwd_bwd": (rms_bwd, 5 * nbytes, 0),
+        "rms_norm2d_fwd_bwd": (fwd_bwd(rms_norm2d), 5 * nbytes, 0),
         "channel_sq_sum": (lambda: channel_sq_sum(x), nbytes, 0),
         "gram": (lambda: gram(w), w.numel() * 4 + n * n * 4, 2 * n * n * m),
     }, tuple(x.shape), (n, m)
 
 
 def run(quick: bool = False, repeats: int | None = None, compile_cpu: bool = True) -> dict:
+    """All measurements as a JSON-able dict (see `main` for what is printed)."""
     repeats = repeats or (5 if quick else 15)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = {"meta": {"machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
                         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                        "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()},
+                        "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+                        "repeats": repeats},
                "ops": []}
-    for dev in devices:
-        backends = ["torch"] + (["triton"] if dev == "cuda" else [])
-        for be in backends:
-            os.environ["SECATEUR_BACKEND"] = be
-            cases, act_shape, gram_shape = _cases(dev, quick)
-            ms = _median_ms({k: v[0] for k, v in cases.items()}, dev, repeats)
-            for k, (_, nbytes, flops) in cases.items():
-                results["ops"].append({
-                    "op": k, "device": dev, "backend": be, "ms": ms[k],
-                    "GB/s": nbytes / ms[k] / 1e6 if not flops else None,
-                    "GFLOP/s": flops / ms[k] / 1e6 if flops else None,
-                    "shape": list(gram_shape if k == "gram" else act_shape)})
-    os.environ.pop("SECATEUR_BACKEND", None)
-    results["tsra_stats_overhead_cpu"] = _stats_overhead(quick, repeats)
-    if compile_cpu:
-        results["tsra_eager_vs_compile_cpu"] = _eager_vs_compile(quick, repeats)
+    forced = os.environ.get("SECATEUR_BACKEND")
+    try:
+        for dev in devices:
+            for be in ["torch"] + (["triton"] if dev == "cuda" else []):
+                os.environ["SECATEUR_BACKEND"] = be
+                cases, act_shape, gram_shape = _cases(dev, quick)
+                times = _times_ms({k: v[0] for k, v in cases.items()}, dev, repeats)
+                for k, (_, nbytes, flops) in cases.items():
+                    ms = statistics.median(times[k])
+                    results["ops"].append({
+                        "op": k, "device": dev, "backend": be, "ms": ms, "ms_min": min(times[k]),
+                        "GB/s": nbytes / ms / 1e6 if not flops else None,
+                        "GFLOP/s": flops / ms / 1e6 if flops else None,
+                        "shape": list(gram_shape if k == "gram" else act_shape)})
+        os.environ["SECATEUR_BACKEND"] = "torch"
+        results["tsra_stats_overhead_cpu"] = [_stats_overhead(shape, repeats * 4)
+                                              for shape in dict.fromkeys([(64, 128, 16, 16), _act_shape(quick)])]
+        if compile_cpu:
+            results["tsra_eager_vs_compile_cpu"] = _eager_vs_compile(_act_shape(quick), repeats)
+    finally:
+        if forced is None:
+            os.environ.pop("SECATEUR_BACKEND", None)
+        else:
+            os.environ["SECATEUR_BACKEND"] = forced
     return results
 
 
-def _stats_overhead(quick: bool, repeats: int) -> dict:
-    cases, _, _ = _cases("cpu", quick)
-    ms = _median_ms({"plain": cases["tsra_fwd"][0], "stats": cases["tsra_fwd_stats"][0]}, "cpu",
-                    repeats * 2)
-    return {"plain_ms": ms["plain"], "stats_ms": ms["stats"],
-            "overhead_pct": 100.0 * (ms["stats"] / ms["plain"] - 1.0)}
+def _stats_overhead(shape: tuple[int, ...], repeats: int) -> dict:
+    """TSRA forward with vs without fused statistics on the CPU torch path. The overhead is the
+    median over rounds of (stats / plain - 1): each round times both back to back."""
+    x = torch.randn(*shape)
+    stats = torch.zeros(shape[1])
+    t = _times_ms({"plain": lambda: tsra(x), "stats": lambda: tsra(x, stats=stats)}, "cpu", repeats)
+    ratio = statistics.median(s / p - 1.0 for p, s in zip(t["plain"], t["stats"]))
+    return {"shape": list(shape), "plain_ms": statistics.median(t["plain"]),
+            "stats_ms": statistics.median(t["stats"]), "plain_ms_min": min(t["plain"]),
+            "stats_ms_min": min(t["stats"]), "overhead_pct": 100.0 * ratio}
 
 
-def _eager_vs_compile(quick: bool, repeats: int) -> dict:
-    from secateur.kernels.tsra import tsra_backward_reference, tsra_forward_reference
+def _eager_vs_compile(shape: tuple[int, ...], repeats: int) -> dict:
+    """TSRA on CPU: the eager production path (`tsra`, one autograd Function) and the unfused
+    eager reference vs torch.compile of the reference (inductor; its backward from AOTAutograd)."""
+    from secateur.kernels.tsra import tsra_forward_reference
 
-    c, hw, b = (64, 16, 32) if quick else (128, 32, 64)
-    x = torch.randn(b, c, hw, hw)
+    x = torch.randn(*shape)
     g = torch.randn_like(x)
-    sp = c // 2
+    xg = x.clone().requires_grad_()
+    sp = shape[1] // 2
 
-    def eager_f():
-        return tsra_forward_reference(x, 1, sp, 5.0, 0.5, 0.7, 1e-12)
+    def ref(t):
+        return tsra_forward_reference(t, 1, sp, 5.0, 0.5, 0.7, 1e-12)
 
-    def eager_b():
-        return tsra_backward_reference(x, g, 1, sp, 5.0, 0.5, 0.7, 1e-12)
+    compiled = torch.compile(ref)
 
-    comp_f = torch.compile(lambda: tsra_forward_reference(x, 1, sp, 5.0, 0.5, 0.7, 1e-12))
-    comp_b = torch.compile(lambda: tsra_backward_reference(x, g, 1, sp, 5.0, 0.5, 0.7, 1e-12))
-    ms = _median_ms({"eager_fwd": eager_f, "compiled_fwd": comp_f, "eager_bwd": eager_b,
-                     "compiled_bwd": comp_b}, "cpu", repeats)
+    def fwd_bwd(f):
+        def run():
+            xg.grad = None
+            f(xg).backward(g)
+        return run
+
+    t0 = time.perf_counter()
+    compiled(x)
+    fwd_bwd(compiled)()
+    compile_s = time.perf_counter() - t0
+    t = _times_ms({"eager_fwd": lambda: tsra(x), "eager_reference_fwd": lambda: ref(x),
+                   "compiled_fwd": lambda: compiled(x), "eager_fwd_bwd": fwd_bwd(tsra),
+                   "eager_reference_fwd_bwd": fwd_bwd(ref), "compiled_fwd_bwd": fwd_bwd(compiled)},
+                  "cpu", repeats)
+    ms = {k: statistics.median(v) for k, v in t.items()}
     return {**ms, "fwd_speedup": ms["eager_fwd"] / ms["compiled_fwd"],
-            "bwd_speedup": ms["eager_bwd"] / ms["compiled_bwd"], "shape": [b, c, hw, hw]}
+            "fwd_bwd_speedup": ms["eager_fwd_bwd"] / ms["compiled_fwd_bwd"],
+            "first_compile_s": compile_s, "shape": list(shape)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,21 +163,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write the results here")
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-compile", action="store_true", help="skip TSRA eager vs torch.compile")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     res = run(args.quick, args.repeats, compile_cpu=not args.no_compile)
-    print(f"{'op':20s} {'device':6s} {'backend':7s} {'ms':>9s} {'GB/s':>8s} {'GFLOP/s':>8s}")
+    print(f"{'op':20s} {'device':6s} {'backend':7s} {'ms':>9s} {'min ms':>9s} {'GB/s':>8s} {'GFLOP/s':>8s}")
     for r in res["ops"]:
         gbs = f"{r['GB/s']:.1f}" if r["GB/s"] else "-"
         gfl = f"{r['GFLOP/s']:.1f}" if r["GFLOP/s"] else "-"
-        print(f"{r['op']:20s} {r['device']:6s} {r['backend']:7s} {r['ms']:9.3f} {gbs:>8s} {gfl:>8s}")
-    o = res["tsra_stats_overhead_cpu"]
-    print(f"TSRA fused stats on CPU: {o['plain_ms']:.3f} ms -> {o['stats_ms']:.3f} ms "
-          f"({o['overhead_pct']:+.1f}%)")
+        print(f"{r['op']:20s} {r['device']:6s} {r['backend']:7s} {r['ms']:9.3f} {r['ms_min']:9.3f} "
+              f"{gbs:>8s} {gfl:>8s}")
+    for o in res["tsra_stats_overhead_cpu"]:
+        print(f"TSRA fused stats on CPU {o['shape']}: {o['plain_ms']:.3f} ms -> {o['stats_ms']:.3f} ms "
+              f"(median per-round overhead {o['overhead_pct']:+.1f}%)")
     if "tsra_eager_vs_compile_cpu" in res:
         e = res["tsra_eager_vs_compile_cpu"]
-        print(f"TSRA torch.compile on CPU: forward x{e['fwd_speedup']:.2f}, "
-              f"backward x{e['bwd_speedup']:.2f}")
+        print(f"TSRA on CPU {e['shape']}: forward eager {e['eager_fwd']:.3f} ms, compiled "
+              f"{e['compiled_fwd']:.3f} ms (x{e['fwd_speedup']:.2f}); fwd+bwd eager "
+              f"{e['eager_fwd_bwd']:.3f} ms, compiled {e['compiled_fwd_bwd']:.3f} ms "
+              f"(x{e['fwd_bwd_speedup']:.2f}); first compile {e['first_compile_s']:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -10,12 +10,17 @@ from torch import Tensor
 from secateur.kernels._backend import acc_dtype, as_3d, backend_for, channel_dim
 
 
+def sq_sum_3d(x3: Tensor) -> Tensor:
+    """(outer, C, inner) -> (C,) sum of squares, in x3's dtype. Reduced over the contiguous inner
+    positions first (a norm: no activation-sized temporary), then over the outer axis: far
+    faster on CPU than one strided reduction or x*x followed by a sum."""
+    return torch.linalg.vector_norm(x3, dim=2).square_().sum(0)
+
+
 def channel_sq_sum_reference(x: Tensor, dim: int = 1) -> Tensor:
-    """fp32 (C,) sum over every axis but `dim` of x**2. Reduced over the contiguous inner
-    positions first, then over the outer axis: far faster on CPU than one strided reduction."""
+    """fp32 (C,) sum over every axis but `dim` of x**2 (accumulated in fp32, float64 in float64)."""
     dim = channel_dim(x, dim)
-    x3 = as_3d(x.detach(), dim).to(acc_dtype(x))
-    return (x3 * x3).sum(2).sum(0).float()
+    return sq_sum_3d(as_3d(x.detach(), dim).to(acc_dtype(x))).float()
 
 
 def channel_sq_sum(x: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor:

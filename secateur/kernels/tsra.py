@@ -19,6 +19,7 @@ from torch import Tensor
 
 from secateur.kernels._backend import acc_dtype, as_3d, backend_for, channel_dim, channel_tiles
 from secateur.kernels._tiles import channel_tile
+from secateur.kernels.importance import sq_sum_3d
 
 
 def _gains(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float, eps: float):
@@ -155,14 +156,15 @@ def _tsra_triton_backward(x: Tensor, grad_out: Tensor, dim: int, split: int, a: 
 def tsra_forward_torch(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
                        eps: float, stats: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The CPU production forward: the reference's function in fewer memory passes and one
-    activation-sized allocation. x^2 is formed once into the buffer that later receives the
-    output; it serves the subspace norms (a reduction over channels) and the statistics (sum over
-    positions of g^2 x^2, a batched matrix-vector product on it) before being overwritten.
+    activation-sized allocation. x^2 is formed once, into the buffer that then receives the
+    output, and serves the subspace norms (a reduction over channels). The statistics take one
+    more read: a reduction over the contiguous positions of the output (conv), or a GEMV of g^2
+    against x^2 before it is overwritten (linear: no contiguous positions to reduce).
 
     Returns (out in x's dtype, (g_U, g_V, s_U, s)): the per-position quantities, each
     (outer, 1, inner) in fp32/fp64, that the production backward reuses."""
     x3 = as_3d(x, dim).to(acc_dtype(x))                     # (outer, C, inner)
-    c = x3.shape[1]
+    c, inner = x3.shape[1], x3.shape[2]
     buf = x3.square()
     su2 = buf[:, :split].sum(1, keepdim=True)
     su = su2.sqrt()
@@ -170,17 +172,13 @@ def tsra_forward_torch(x: Tensor, dim: int, split: int, a: float, b_u: float, b_
     r = su / (s + eps)
     gu = torch.sigmoid(a * (r - b_u))                        # (outer, 1, inner)
     gv = torch.sigmoid(a * (r - b_v))
-    if stats is not None:
+    if stats is not None and inner == 1:
         for lo, hi, g in ((0, split, gu), (split, c, gv)):
-            if hi == lo:
-                continue
-            if x3.shape[2] == 1:                             # linear layer: one GEMV
-                part = (g.square().view(1, -1) @ buf[:, lo:hi, 0]).view(-1)
-            else:                                            # (outer, C_z, inner) @ (outer, inner, 1)
-                part = torch.bmm(buf[:, lo:hi], g.square().transpose(1, 2)).sum(0).view(-1)
-            stats[lo:hi] += part.to(stats.dtype)
+            stats[lo:hi] += (g.square().view(1, -1) @ buf[:, lo:hi, 0]).view(-1).to(stats.dtype)
     torch.mul(x3[:, :split], gu, out=buf[:, :split])         # x^2 is no longer needed
     torch.mul(x3[:, split:], gv, out=buf[:, split:])
+    if stats is not None and inner > 1:
+        stats += sq_sum_3d(buf).to(stats.dtype)
     return buf.view(x.shape).to(x.dtype), (gu, gv, su, s)
 
 
