@@ -162,19 +162,13 @@ def widths(model: nn.Module) -> dict[str, int]:
 @torch.no_grad()
 def bn_reset(model: nn.Module, x: Tensor, batch_size: int = 100) -> nn.Module:
     """Recompute every BatchNorm's running mean and variance from the images x (e.g. 1,000
-    training images) as a cumulative average (momentum=None), in place; weights are unchanged.
-    Dropout stays off (only the norms are put in training mode)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    for i in range(0, len(x), batch_size):
-        model(x[i:i + batch_size])
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
+    training images) as a cumulative average (momentum=None), in place, with
+    `secateur.pruning.reset_batchnorm_stats`; weights are unchanged and dropout stays off.
+    A model without BatchNorm is returned as it is."""
+    from secateur.pruning import reset_batchnorm_stats
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        reset_batchnorm_stats(model, (x[i:i + batch_size] for i in range(0, len(x), batch_size)))
     return model.eval()
 
 
@@ -182,7 +176,9 @@ def finetune(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float = 1e-
              batch_size: int = 128, weight_decay: float = 5e-4, seed: int = 0) -> nn.Module:
     """Fine-tune `model` in place: AdamW (decay on tensors with >= 2 dims), cosine LR from `lr` to
     0 over `steps` steps, gradient clipping at 1.0, batches from a seeded shuffle of (x, y), so
-    every method gets the identical data order and budget."""
+    every method gets the identical data order and budget. The global RNG is seeded too, so the
+    dropout masks are the same for every method and every run."""
+    torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
