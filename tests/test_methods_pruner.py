@@ -80,8 +80,8 @@ def test_folding_duplicated_units_is_exact():
     torch.manual_seed(1)
     model = MLP(10, 3, hidden=(8,)).double()
     with torch.no_grad():
-        w, b = model.net[1].weight, model.net[1].bias
-        w[4:], b[4:] = w[:4].clone(), b[:4].clone()
+        w, b, v = model.net[1].weight, model.net[1].bias, model.net[4].weight
+        w[4:], b[4:], v[:, 4:] = w[:4].clone(), b[:4].clone(), v[:, :4].clone()
     x = torch.randn(20, 10, dtype=torch.float64)
     before = model(x)
     Pruner(model, "fold", Rule("ratio", 0.5), repair="none").prune()
@@ -119,8 +119,9 @@ def test_fold_ar_scales_batchnorm_gamma_by_the_cluster_gain_and_keeps_the_merged
         bn = model.features[1]
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
-    rows = model.unit_groups()[0].producer_rows().double()
-    labels = cluster_units(rows, 4, seed=42)
+    group = model.unit_groups()[0]
+    rows = group.producer_rows().double()
+    labels = cluster_units(group.unit_features().double(), 4, seed=42)
     plain, repaired = copy.deepcopy(model), copy.deepcopy(model)
     Pruner(plain, "fold", Rule("ratio", 0.5), layers=["features.0"], repair="none").prune()
     Pruner(repaired, "fold", Rule("ratio", 0.5), layers=["features.0"], repair="fold_ar").prune()

@@ -308,7 +308,8 @@ class CoSePCriterion(Criterion):
 
 
 class FoldCriterion(Criterion):
-    """Model folding (METHODS B): cluster each group's units by their producer rows (k-means)
+    """Model folding (METHODS B): cluster each group's units on everything tied to them
+    (producer rows, norm parameters, consumer columns; PCA + k-means)
     and merge each cluster (mean of producers, sum of consumers) instead of deleting units.
     The rule's count of removed units sets the number of clusters; `repair='fold_ar'` applies
     the data-free Fold-AR rescaling. TSRA groups fold within each subspace."""
@@ -326,14 +327,15 @@ class FoldCriterion(Criterion):
     def shrink(self, group: UnitGroup, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         from secateur.pruning.folding import cluster_units, fold_ar_gain, merge_maps
         n = group.size
-        rows = group.producer_rows().double()
+        rows = group.producer_rows().double()          # Fold-AR: correlation of the weight rows
+        feats = group.unit_features().double()         # clustering: every tensor tied to a unit
         p_blocks, c_blocks, gains, split = [], [], [], None
         for j, r in enumerate(group.subspaces()):
             if len(r) == 0:
                 continue
             idx = torch.arange(r.start, r.stop)
             k = max(int(torch.isin(idx, keep).sum()), 1)
-            labels = cluster_units(rows[idx], k, seed=self.seed)
+            labels = cluster_units(feats[idx], k, seed=self.seed)
             p, c = merge_maps(labels, k)
             big_p = torch.zeros(k, n, dtype=torch.float64)
             big_c = torch.zeros(n, k, dtype=torch.float64)

@@ -85,6 +85,14 @@ class UnitGroup:
             cols.append(t.reshape(self.size, -1))
         return torch.cat(cols, 1)
 
+    def unit_features(self) -> Tensor:
+        """(n, p): everything tied to each unit, concatenated: producer rows, norm parameters
+        (not running statistics) and consumer columns moved to the unit axis (the clustering
+        features of model folding, METHODS B.2)."""
+        slots = self.producers + [s for s in self.norms if isinstance(s.tensor, torch.nn.Parameter)] \
+            + self.consumers
+        return torch.cat([s.tensor.detach().movedim(s.axis, 0).reshape(self.size, -1) for s in slots], 1)
+
     def producer_weight_rows(self) -> Tensor:
         """(n, p): the producers' weight tensors only (no biases), flattened per unit."""
         cols = [s.tensor.detach().movedim(s.axis, 0).reshape(self.size, -1)
