@@ -44,6 +44,16 @@ def _times_ms(fns: dict[str, Callable[[], object]], dev: str, repeats: int) -> d
     return times
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of freshly mapped memory: with
+    glibc, every activation-sized CPU tensor above its mmap threshold costs one per 4 KiB)."""
+    try:
+        import resource
+    except ImportError:          # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _act_shape(quick: bool) -> tuple[int, int, int, int]:
     return (32, 64, 16, 16) if quick else (64, 128, 32, 32)
 
@@ -90,11 +100,15 @@ def run(quick: bool = False, repeats: int | None = None, compile_cpu: bool = Tru
             for be in ["torch"] + (["triton"] if dev == "cuda" else []):
                 os.environ["SECATEUR_BACKEND"] = be
                 cases, act_shape, gram_shape = _cases(dev, quick)
-                times = _times_ms({k: v[0] for k, v in cases.items()}, dev, repeats)
-                for k, (_, nbytes, flops) in cases.items():
-                    ms = statistics.median(times[k])
+                for k, (fn, nbytes, flops) in cases.items():
+                    # one op at a time: an op's allocator state (reused heap vs fresh pages) is
+                    # its own, not left over from a neighbour
+                    faults0 = _minor_faults()
+                    times = _times_ms({k: fn}, dev, repeats)[k]
+                    ms = statistics.median(times)
                     results["ops"].append({
-                        "op": k, "device": dev, "backend": be, "ms": ms, "ms_min": min(times[k]),
+                        "op": k, "device": dev, "backend": be, "ms": ms, "ms_min": min(times),
+                        "page_faults_per_call": (_minor_faults() - faults0) / (repeats + 2),
                         "GB/s": nbytes / ms / 1e6 if not flops else None,
                         "GFLOP/s": flops / ms / 1e6 if flops else None,
                         "shape": list(gram_shape if k == "gram" else act_shape)})
@@ -171,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     res = run(args.quick, args.repeats, compile_cpu=not args.no_compile)
-    print(f"{'op':20s} {'device':6s} {'backend':7s} {'ms':>9s} {'min ms':>9s} {'GB/s':>8s} {'GFLOP/s':>8s}")
+    print(f"{'op':20s} {'device':6s} {'backend':7s} {'ms':>9s} {'min ms':>9s} {'GB/s':>8s} {'GFLOP/s':>8s} "
+          f"{'faults':>7s}")
     for r in res["ops"]:
         gbs = f"{r['GB/s']:.1f}" if r["GB/s"] else "-"
         gfl = f"{r['GFLOP/s']:.1f}" if r["GFLOP/s"] else "-"
         print(f"{r['op']:20s} {r['device']:6s} {r['backend']:7s} {r['ms']:9.3f} {r['ms_min']:9.3f} "
-              f"{gbs:>8s} {gfl:>8s}")
+              f"{gbs:>8s} {gfl:>8s} {r['page_faults_per_call']:7.0f}")
     for o in res["tsra_stats_overhead_cpu"]:
         print(f"TSRA fused stats on CPU {o['shape']}: {o['plain_ms']:.3f} ms -> {o['stats_ms']:.3f} ms "
               f"(median per-round overhead {o['overhead_pct']:+.1f}%)")
