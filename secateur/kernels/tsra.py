@@ -28,10 +28,14 @@ def _gains(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float, ep
     su2 = xu.square().sum(dim, keepdim=True)
     sv2 = xv.square().sum(dim, keepdim=True)
     su, s = su2.sqrt(), (su2 + sv2).sqrt()
+    return (*_gains_from_norms(su, s, a, b_u, b_v, eps), su, s)
+
+
+def _gains_from_norms(su: Tensor, s: Tensor, a: float, b_u: float, b_v: float,
+                      eps: float) -> tuple[Tensor, Tensor]:
+    """g_U, g_V from the per-position norms |x_U| and |x|."""
     r = su / (s + eps)
-    gu = torch.sigmoid(a * (r - b_u))
-    gv = torch.sigmoid(a * (r - b_v))
-    return gu, gv, su, s
+    return torch.sigmoid(a * (r - b_u)), torch.sigmoid(a * (r - b_v))
 
 
 def tsra_forward_reference(x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
@@ -161,17 +165,15 @@ def tsra_forward_torch(x: Tensor, dim: int, split: int, a: float, b_u: float, b_
     more read: a reduction over the contiguous positions of the output (conv), or a GEMV of g^2
     against x^2 before it is overwritten (linear: no contiguous positions to reduce).
 
-    Returns (out in x's dtype, (g_U, g_V, s_U, s)): the per-position quantities, each
-    (outer, 1, inner) in fp32/fp64, that the production backward reuses."""
+    Returns (out in x's dtype, (s_U, s)): the per-position norms, each (outer, 1, inner) in
+    fp32/fp64, from which the production backward rebuilds the gains."""
     x3 = as_3d(x, dim).to(acc_dtype(x))                     # (outer, C, inner)
     c, inner = x3.shape[1], x3.shape[2]
     buf = x3.square()
     su2 = buf[:, :split].sum(1, keepdim=True)
     su = su2.sqrt()
     s = (su2 + buf[:, split:].sum(1, keepdim=True)).sqrt_()
-    r = su / (s + eps)
-    gu = torch.sigmoid(a * (r - b_u))                        # (outer, 1, inner)
-    gv = torch.sigmoid(a * (r - b_v))
+    gu, gv = _gains_from_norms(su, s, a, b_u, b_v, eps)     # (outer, 1, inner)
     if stats is not None and inner == 1:
         for lo, hi, g in ((0, split, gu), (split, c, gv)):
             stats[lo:hi] += (g.square().view(1, -1) @ buf[:, lo:hi, 0]).view(-1).to(stats.dtype)
@@ -179,15 +181,16 @@ def tsra_forward_torch(x: Tensor, dim: int, split: int, a: float, b_u: float, b_
     torch.mul(x3[:, split:], gv, out=buf[:, split:])
     if stats is not None and inner > 1:
         stats += sq_sum_3d(buf).to(stats.dtype)
-    return buf.view(x.shape).to(x.dtype), (gu, gv, su, s)
+    return buf.view(x.shape).to(x.dtype), (su, s)
 
 
-def tsra_backward_torch(x: Tensor, grad_out: Tensor, dim: int, split: int, a: float, eps: float,
-                        saved: tuple[Tensor, ...]) -> Tensor:
+def tsra_backward_torch(x: Tensor, grad_out: Tensor, dim: int, split: int, a: float, b_u: float,
+                        b_v: float, eps: float, norms: tuple[Tensor, Tensor]) -> Tensor:
     """The CPU production backward (same formula as `tsra_backward_reference`) from the forward's
-    per-position (g_U, g_V, s_U, s): two reductions over channels and one activation-sized
+    per-position norms (s_U, s): two reductions over channels and one activation-sized
     buffer that holds gout*x, then dL/dx."""
-    gu, gv, su, s = saved
+    su, s = norms
+    gu, gv = _gains_from_norms(su, s, a, b_u, b_v, eps)
     x3, g3 = as_3d(x, dim).to(su.dtype), as_3d(grad_out, dim).to(su.dtype)
     buf = g3 * x3
     cu, cv = _input_coefs(buf[:, :split].sum(1, keepdim=True), buf[:, split:].sum(1, keepdim=True),
@@ -199,7 +202,7 @@ def tsra_backward_torch(x: Tensor, grad_out: Tensor, dim: int, split: int, a: fl
 
 class TSRAFunction(torch.autograd.Function):
     """One autograd node for TSRA. The Triton path saves only x and recomputes the gains in its
-    backward kernel; the torch path also keeps the per-position gains and norms (1/C of x's size)."""
+    backward kernel; the torch path also keeps the two per-position subspace norms (2/C of x's size)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, split: int, a: float, b_u: float, b_v: float,
@@ -219,7 +222,7 @@ class TSRAFunction(torch.autograd.Function):
         if not saved:
             gx = _tsra_triton_backward(x, grad_out.contiguous(), dim, split, a, b_u, b_v, eps)
         else:
-            gx = tsra_backward_torch(x, grad_out, dim, split, a, eps, tuple(saved))
+            gx = tsra_backward_torch(x, grad_out, dim, split, a, b_u, b_v, eps, (saved[0], saved[1]))
         return gx, None, None, None, None, None, None, None
 
 
