@@ -108,6 +108,21 @@ def test_cosep_keeps_one_unit_per_planted_type():
     assert model.net[1].out_features == 3
 
 
+def test_cosep_k_min_fraction_bounds_how_far_a_layer_shrinks():
+    torch.manual_seed(2)
+    model = MLP(6, 4, hidden=(10,)).double()
+    pruner = Pruner(model, "cosep", Rule("ratio", 0.0), k_min_fraction=0.6)
+    centers = torch.randn(4, 6, dtype=torch.float64) * 2
+    for _ in range(3):
+        y = torch.randint(0, 4, (64,))
+        pruner.observe_targets(y)
+        model(centers[y] + 0.3 * torch.randn(64, 6, dtype=torch.float64))
+    pruner.prune()
+    assert 6 <= model.net[1].out_features <= 9
+    with pytest.raises(ValueError, match="k_min_fraction"):
+        Pruner(MLP(6, 4, hidden=(10,)), "cosep", k_min_fraction=1.0)
+
+
 def test_fold_ar_scales_batchnorm_gamma_by_the_cluster_gain_and_keeps_the_merged_statistics():
     import copy
 

@@ -262,11 +262,16 @@ class CoSePCriterion(Criterion):
     needs_targets = True
 
     def __init__(self, groups: list[UnitGroup], num_classes: int, k_min: int = 2,
-                 k_max: int | None = None, seed: int = 0) -> None:
+                 k_max: int | None = None, k_min_fraction: float = 0.0, seed: int = 0) -> None:
         super().__init__(groups)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if k_min < 2 or (k_max is not None and k_max < k_min):
+            raise ValueError(f"k_min must be >= 2 and k_max >= k_min, got {k_min}, {k_max}")
+        if not 0.0 <= k_min_fraction < 1.0:
+            raise ValueError(f"k_min_fraction must be in [0, 1), got {k_min_fraction}")
         self.num_classes, self.k_min, self.k_max, self.seed = int(num_classes), k_min, k_max, seed
+        self.k_min_fraction = float(k_min_fraction)
         self._targets: Tensor | None = None
         self.moments: dict[str, Any] = {}
         self.reset()
@@ -299,11 +304,18 @@ class CoSePCriterion(Criterion):
 
     def automatic_keep(self, group: UnitGroup) -> Tensor:
         from secateur.pruning.cosep import jm_profiles, select_components
-        profiles = jm_profiles(self.moments[group.name])
-        k_range = None
-        if self.k_max is not None:
-            k_range = range(self.k_min, min(self.k_max, group.size - 1) + 1)
-        res = select_components(profiles, self.importance(group), k_range=k_range, seed=self.seed)
+
+        n = group.size
+        if n < 3:
+            return torch.arange(n)
+        # the knee is searched over k in [lo, hi]; k_min_fraction bounds how far one event may
+        # shrink a layer (on networks whose silhouette curve has no knee it would pick k = 2)
+        lo = max(self.k_min, math.ceil(self.k_min_fraction * n))
+        hi = min(self.k_max if self.k_max is not None else n - 1, n - 1)
+        if lo > hi:
+            return torch.arange(n)
+        res = select_components(jm_profiles(self.moments[group.name]), self.importance(group),
+                                k_range=range(lo, hi + 1), seed=self.seed)
         return res.keep
 
 
