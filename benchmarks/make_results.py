@@ -15,6 +15,7 @@ ORDER = [   # (file, section title)
     ("mnistnet.md", "One-shot pruning of the pretrained MNISTNet"),
     ("perf.md", "Training-time performance and the Torch-Pruning peer"),
     ("projective_perf.md", "Projective scoring speed"),
+    ("method_configs.md", "The methods during training (one run per config)"),
     ("cob.md", "Reproduction: change of basis with TSRA"),
     ("projective_cnn.md", "Reproduction: projective pruning of a CNN"),
     ("minilm.md", "Reproduction: projective pruning of MiniLM"),
