@@ -11,6 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = [   # (file, section title)
+    ("headlines.md", "Headlines"),
     ("kernels.md", "Kernels"),
     ("mnistnet.md", "One-shot pruning of the pretrained MNISTNet"),
     ("perf.md", "Training-time performance and the Torch-Pruning peer"),
