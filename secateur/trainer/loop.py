@@ -176,7 +176,13 @@ class Trainer:
         t0 = time.perf_counter()
         if self.dist.world_size > 1:
             for t in self.pruner.stats().values():
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                if self.dist.backend == "nccl" and not t.is_cuda:
+                    # NCCL reduces device tensors only (CoB/CoSeP moments live on the host)
+                    buf = t.to(self.dist.device)
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                    t.copy_(buf)
+                else:
+                    dist.all_reduce(t, op=dist.ReduceOp.SUM)
         before = param_count(self.model)
         report = self.engine.rebuild_around(self.pruner.prune)
         after = param_count(self.model)
