@@ -181,22 +181,20 @@ class ProjectiveCriterion(Criterion):
         if n_remove == 0:
             return
         rows = self._rows(group)
-        chosen, w_s, b_s, v_s = [], torch.ones(group.size, dtype=torch.float64), None, None
-        b_s, v_s = w_s.clone(), w_s.clone()
+        chosen: list[Tensor] = []
+        w_s, b_s, v_s = (torch.ones(group.size, dtype=torch.float64) for _ in range(3))
         # greedy removal within each subspace keeps the TSRA structure; counts follow the rule
         for r in group.subspaces():
             idx = torch.arange(r.start, r.stop)
             k = int((~torch.isin(idx, keep)).sum())
             if k == 0:
-                continue
-            res = projective.greedy(rows[idx], k, lam=self.lam, mode=self.mode, alpha=self.alpha,
-                                    beta=self.beta, gamma=self.gamma, redistribute=self.redistribute)
-            chosen.append(idx[res.keep])
-            w_s[idx], b_s[idx], v_s[idx] = res.w_scale, res.b_scale, res.v_scale
-        for r in group.subspaces():
-            idx = torch.arange(r.start, r.stop)
-            if int((~torch.isin(idx, keep)).sum()) == 0:
                 chosen.append(idx)
+            elif k < len(idx):      # (a rule may also empty a whole subspace: nothing to keep)
+                res = projective.greedy(rows[idx], k, lam=self.lam, mode=self.mode, alpha=self.alpha,
+                                        beta=self.beta, gamma=self.gamma,
+                                        redistribute=self.redistribute)
+                chosen.append(idx[res.keep])
+                w_s[idx], b_s[idx], v_s[idx] = res.w_scale, res.b_scale, res.v_scale
         if self.redistribute:
             rescale_units(group, w_s, b_s, v_s, optimizer)
         keep_units(group, torch.cat(chosen), optimizer)
