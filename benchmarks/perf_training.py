@@ -145,6 +145,11 @@ def bench_peer(finetune_steps: int) -> list[dict]:
     t0 = time.perf_counter()
     Pruner(ours, "l2", Rule("ratio", 0.5)).prune()
     t_ours = time.perf_counter() - t0
+    # the same with the norm taken over every tensor tied to a unit (as Torch-Pruning's group norm)
+    ours_all = copy.deepcopy(base.model)
+    t0 = time.perf_counter()
+    Pruner(ours_all, "l2", Rule("ratio", 0.5), tensors="all").prune()
+    t_ours_all = time.perf_counter() - t0
     # Torch-Pruning: its DependencyGraph, MagnitudeImportance(p=2), 50% per layer, one step
     theirs = copy.deepcopy(base.model)
     logits = theirs.classifier[-1]
@@ -153,7 +158,9 @@ def bench_peer(finetune_steps: int) -> list[dict]:
                                        pruning_ratio=0.5, ignored_layers=[logits], iterative_steps=1)
     pruner.step()
     t_theirs = time.perf_counter() - t0
-    for name, m, t in (("secateur", ours, t_ours), ("torch-pruning", theirs, t_theirs)):
+    for name, m, t in (("secateur l2 (producer weights)", ours, t_ours),
+                       ("secateur l2 (all tied tensors)", ours_all, t_ours_all),
+                       ("torch-pruning", theirs, t_theirs)):
         acc0 = C.accuracy(m, xv, yv)
         C.finetune(m, xt, yt, finetune_steps)
         rows.append({"tool": name, "prune_s": t, "params": C.param_count(m), "acc_after_prune": acc0,

@@ -152,3 +152,18 @@ def test_traced_generic_model_prunes_and_keeps_silent_units_function():
     keep_units(g2, order[3:])
     with torch.no_grad():
         torch.testing.assert_close(model2(x), ref)
+
+
+def test_l2_over_all_tied_tensors_matches_a_brute_force_norm():
+    torch.manual_seed(5)
+    model = VGGTSRA(1, 4, widths=(6,), fc=(5,), act="relu")
+    with torch.no_grad():
+        model.features[1].weight.uniform_(0.1, 3.0)
+    g = model.unit_groups()[0]
+    conv, bn, lin = model.features[0], model.features[1], model.classifier[0]
+    expected = torch.stack([torch.cat([conv.weight[u].flatten(), conv.bias[u:u + 1], bn.weight[u:u + 1],
+                                       bn.bias[u:u + 1], lin.weight[:, u]]).norm() for u in range(6)])
+    pruner = Pruner(model, "l2", Rule("ratio", 0.5), tensors="all")
+    torch.testing.assert_close(pruner.criterion.importance(g).float(), expected.detach())
+    with pytest.raises(ValueError, match="tensors"):
+        Pruner(model, "l2", tensors="some")

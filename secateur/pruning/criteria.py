@@ -7,6 +7,7 @@ rotation first for change of basis, redistribution for projective, merging for f
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -79,11 +80,20 @@ class RandomCriterion(Criterion):
 
 
 class L2Criterion(Criterion):
-    """L2 norm of each unit's producer weights (flattened filters / rows; biases excluded)."""
+    """L2 norm of each unit's producer weights (flattened filters / rows; biases excluded), or with
+    `tensors="all"` of everything tied to the unit (producer rows, norm parameters, consumer
+    columns), which on BatchNorm networks also sees the scale gamma that the filter norm lacks."""
     name = "l2"
 
+    def __init__(self, groups: list[UnitGroup], tensors: str = "producers") -> None:
+        super().__init__(groups)
+        if tensors not in ("producers", "all"):
+            raise ValueError(f"tensors must be 'producers' or 'all', got {tensors!r}")
+        self.tensors = tensors
+
     def importance(self, group: UnitGroup) -> Tensor:
-        return group.producer_weight_rows().double().norm(dim=1)
+        rows = group.producer_weight_rows() if self.tensors == "producers" else group.unit_features()
+        return rows.double().norm(dim=1)
 
 
 class ActivationCriterion(Criterion):
@@ -389,4 +399,10 @@ CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (
 def make_criterion(name: str, groups: list[UnitGroup], **kwargs: Any) -> Criterion:
     if name not in CRITERIA:
         raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {name!r}")
-    return CRITERIA[name](groups, **kwargs)
+    cls = CRITERIA[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "groups"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"criterion_args: {name} takes no argument(s) {unknown}; it accepts "
+                         f"{sorted(accepted - {'kwargs'}) or 'none'}")
+    return cls(groups, **kwargs)
