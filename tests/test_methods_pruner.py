@@ -146,3 +146,14 @@ def test_fold_ar_scales_batchnorm_gamma_by_the_cluster_gain_and_keeps_the_merged
     counts = torch.bincount(labels).float()
     expected_mean = torch.zeros(4).index_add_(0, labels, bn.running_mean) / counts
     torch.testing.assert_close(a.running_mean, expected_mean)
+
+
+@pytest.mark.parametrize("criterion,make", [
+    ("cob", lambda: VGGTSRA(1, 4, widths=(6,), fc=(8,))),
+    ("cosep", lambda: MLP(6, 4, hidden=(8,))),
+])
+def test_data_criteria_refuse_to_decide_without_observed_data(criterion, make):
+    model = make()
+    pruner = Pruner(model, criterion, Rule("ratio", 0.5))
+    with pytest.raises(ValueError, match="observed"):
+        pruner.prune()

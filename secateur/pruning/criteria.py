@@ -247,6 +247,9 @@ class CoBCriterion(ActivationCriterion):
 
     def prepare(self, group: UnitGroup, optimizer: torch.optim.Optimizer | None) -> None:
         from secateur.pruning.cob import rotations
+        if float(self.moments[group.name].count) == 0:
+            raise ValueError(f"criterion: no activations were observed for group {group.name!r} "
+                             "before the pruning event")
         rots = rotations(self.moments[group.name])
         n = group.size
         rot = torch.zeros(n, n, dtype=torch.float64)
@@ -314,6 +317,9 @@ class CoSePCriterion(Criterion):
         from secateur.pruning.cosep import jm_profiles, select_components
 
         n = group.size
+        if float(self.moments[group.name].count.sum()) == 0:
+            raise ValueError(f"criterion: no labelled activations were observed for group "
+                             f"{group.name!r} (call observe_targets(y) before each forward)")
         if n < 3:
             return torch.arange(n)
         # the knee is searched over k in [lo, hi]; k_min_fraction bounds how far one event may
