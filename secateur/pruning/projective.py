@@ -4,6 +4,8 @@
 For W (n, m), G = W W^T and H = (G + lam I)^-1, the closed forms (all n scores from one inverse):
     q_i = -H[-i, i] / H_ii                        reconstruction coefficients of row i
     d_i^2 = 1/H_ii - lam ||H[:, i]||^2 / H_ii^2   squared residual (lam = 0: d_i = 1/sqrt(H_ii))
+With a per-row ridge Lambda = diag(lam_j), H = (G + Lambda)^-1, q_i is unchanged and
+    d_i^2 = 1/H_ii - sum_j lam_j H_ji^2 / H_ii^2.
 Greedy removal downdates H in O(n^2) per removed row (a Schur complement) instead of re-inverting;
 the published lazy update (C.3) is kept as `mode="lazy"` for reproduction.
 """
@@ -18,9 +20,15 @@ from secateur.kernels import gram
 
 
 class GreedyResult(NamedTuple):
-    """removed: removal order (r,); keep: kept rows, ascending; w_scale / b_scale / v_scale (n,):
-    factors for the kept units' producer weight rows, producer biases and consumer columns
-    (all ones without redistribution; entries of removed units are meaningless)."""
+    """Outcome of `greedy` on n rows.
+
+    removed: LongTensor (r,), row indices in removal order.
+    keep: LongTensor (n - r,), the other rows, ascending.
+    w_scale, b_scale, v_scale: float64 (n,), redistribution factors (METHODS C.2) for the kept
+    units, to apply before slicing to `keep`: w_scale[j] multiplies producer weight row j (the
+    whole flattened filter of a conv), b_scale[j] the producer bias entry j, v_scale[j] consumer
+    column j (a conv consumer's in-channel j). All ones without redistribution; removed units
+    get 1.0 (nothing to apply)."""
     removed: Tensor
     keep: Tensor
     w_scale: Tensor
@@ -52,9 +60,14 @@ def ridge_inverse(W: Tensor, lam: float = 1e-3) -> Tensor:
     return torch.cholesky_inverse(chol)
 
 
-def _scores_from_inverse(h: Tensor, lam: float) -> Tensor:
-    d = h.diagonal()
-    d2 = 1.0 / d - lam * h.square().sum(0) / d.square()
+def _scores_from_inverse(h: Tensor, lam: float | Tensor) -> Tensor:
+    """Residual norms (n,) from H = (G + Lambda)^-1 (h (..., n, n)); lam: scalar or per-row (n,)."""
+    d = h.diagonal(dim1=-2, dim2=-1)
+    if isinstance(lam, Tensor):
+        pen = (lam[:, None] * h.square()).sum(-2)
+    else:
+        pen = lam * h.square().sum(-2)
+    d2 = 1.0 / d - pen / d.square()
     return d2.clamp_min(0).sqrt()
 
 
@@ -100,14 +113,20 @@ def _check_greedy(n: int, r: int, mode: str) -> None:
 
 def greedy(W: Tensor, r: int, lam: float = 1e-3, mode: str = "exact", alpha: float = 0.5,
            beta: float = 0.5, gamma: float = 0.5, redistribute: bool = True) -> GreedyResult:
-    """Remove r rows one at a time, each time the row with the smallest score.
+    """Remove r of the n rows of W (n, m) or conv filters (n, c, kh, kw), one at a time, each time
+    the row with the smallest score (the one best rebuilt from the others).
 
     exact: scores from H, then an O(n^2) Schur downdate of H removes the row (no re-inversion).
-    With redistribution each kept row j is rescaled by (1 + alpha q_i[j]) when row i goes (bias
-    by beta, consumer column by gamma) and H follows as D^-1 H D^-1 (exact for lam = 0; for
-    lam > 0 the ridge is rescaled with the rows).
+    With redistribution, removing row i rescales each kept row j by d_j = 1 + alpha q_i[j] (bias
+    by 1 + beta q_i[j], consumer column by 1 + gamma q_i[j]) and H follows as D^-1 H D^-1, the
+    inverse of D (G + Lambda) D. So the next scores are the exact ridge residuals of the rescaled
+    rows, with lam = 0 exactly the unregularised ones; for lam > 0 the ridge on row j becomes
+    lam * (product of its d_j)^2, i.e. the penalty stays lam ||q||^2 measured in the coefficients
+    of the original rows (the plain lam I ridge on rescaled rows would need a re-inversion).
     lazy: the published update (C.3): coefficients solved once, a removed row's coefficient is
-    dropped and the others are divided by (1 + alpha q_i), nothing is re-solved."""
+    dropped and the others are divided by (1 + alpha q_i), nothing is re-solved (without
+    redistribution the rows are not rescaled, so nothing is divided).
+    Cost: O(n^2 m + n^3 + r n^2) for exact, O(n^2 m + n^3 + r n^2 m) for lazy."""
     lam = _check_lam(lam)
     w = _flat(W)
     n = w.shape[0]
@@ -118,53 +137,72 @@ def greedy(W: Tensor, r: int, lam: float = 1e-3, mode: str = "exact", alpha: flo
     if mode == "exact":
         active = torch.arange(n)
         h = ridge_inverse(w, lam)
+        lam_rows = torch.full((n,), lam, dtype=torch.float64)    # per-row ridge (see docstring)
         for _ in range(r):
-            i = int(torch.argmin(_scores_from_inverse(h, lam)))
+            i = int(torch.argmin(_scores_from_inverse(h, lam_rows)))
             q = -h[:, i] / h[i, i]
             rest = torch.cat([torch.arange(i), torch.arange(i + 1, h.shape[0])])
             h = h[rest][:, rest] - torch.outer(h[rest, i], h[i, rest]) / h[i, i]
+            lam_rows = lam_rows[rest]
             if redistribute:
                 scales[:, active[rest]] *= 1.0 + phis * q[rest]
                 d = 1.0 + alpha * q[rest]
                 h = h / torch.outer(d, d)
+                lam_rows = lam_rows * d.square()
             removed.append(int(active[i]))
             active = active[rest]
     else:
+        a = alpha if redistribute else 0.0
         q = coefficients(w, lam)
         alive = torch.ones(n, dtype=torch.bool)
-        wz = w.clone()
         for _ in range(r):
-            dist = (q @ wz - w).norm(dim=1)
+            dist = (q @ w - w).norm(dim=1)              # Q's removed columns are zero
             dist[~alive] = float("inf")
             i = int(torch.argmin(dist))
-            wz[i] = 0.0
             alive[i] = False
             q[:, i] = 0.0
             qi = q[i].clone()
-            q[alive] = q[alive] / (1.0 + alpha * qi)[None, :]
+            q[alive] = q[alive] / (1.0 + a * qi)[None, :]
             if redistribute:
                 scales *= 1.0 + phis * qi
             removed.append(i)
     rem = torch.tensor(removed, dtype=torch.long)
+    scales[:, rem] = 1.0
     keep = torch.ones(n, dtype=torch.bool)
     keep[rem] = False
     return GreedyResult(rem, keep.nonzero().flatten(), scales[0], scales[1], scales[2])
 
 
-def joint_qk_scores(Wq: Tensor, Wk: Tensor, n_heads: int, lam: float = 1e-3) -> Tensor:
-    """Scores (n_heads, head_dim) of the shared query-key dimensions: per head, the residual
-    criterion on the joint rows [q_j ; k_j] (each of length 2 * embed) against the head's other
-    joint rows. Wq, Wk: (n_heads * head_dim, embed)."""
+def joint_qk_scores(Wq: Tensor, Wk: Tensor, n_heads: int, lam: float = 1e-3,
+                    variant: str = "joint") -> Tensor:
+    """Scores (n_heads, head_dim) of the shared query-key dimensions (higher = keep; dimension j
+    of a head is removed from the query and key rows together). Wq, Wk: (n_heads * head_dim, embed).
+
+    variant="joint" (METHODS C.4 spec): per head, the residual criterion on the joint rows
+    [q_j ; k_j] (length 2 * embed) against the head's other joint rows.
+    variant="coef" (the published GPT-2 code): ||a_j|| + ||b_j||, the norms of the ridge
+    reconstruction coefficients of query row j (from the head's other query rows) and of key
+    row j (from the other key rows)."""
     if Wq.shape != Wk.shape or Wq.dim() != 2:
         raise ValueError(f"Wq and Wk must be (heads*head_dim, embed) of equal shape, got "
                          f"{tuple(Wq.shape)} and {tuple(Wk.shape)}")
     if n_heads < 1 or Wq.shape[0] % n_heads:
         raise ValueError(f"n_heads must divide {Wq.shape[0]}, got {n_heads}")
-    hd = Wq.shape[0] // n_heads
-    joint = torch.cat([Wq, Wk], dim=1).double().reshape(n_heads, hd, -1)
+    if variant not in ("joint", "coef"):
+        raise ValueError(f"variant must be 'joint' or 'coef', got {variant!r}")
     lam = _check_lam(lam)
-    g = gram(joint, lam)                                    # (heads, hd, hd), one batched call
-    h = torch.cholesky_inverse(torch.linalg.cholesky(g))
-    d = h.diagonal(dim1=-2, dim2=-1)
-    d2 = 1.0 / d - lam * h.square().sum(-2) / d.square()
-    return d2.clamp_min(0).sqrt()
+    hd = Wq.shape[0] // n_heads
+
+    def inverse(rows: Tensor) -> Tensor:        # (heads, hd, hd), one batched Cholesky
+        return torch.cholesky_inverse(torch.linalg.cholesky(gram(rows, lam)))
+
+    if variant == "joint":
+        joint = torch.cat([Wq, Wk], dim=1).detach().double().reshape(n_heads, hd, -1)
+        return _scores_from_inverse(inverse(joint), lam)
+    out = torch.zeros(n_heads, hd, dtype=torch.float64)
+    for w in (Wq, Wk):
+        h = inverse(w.detach().double().reshape(n_heads, hd, -1))
+        d = h.diagonal(dim1=-2, dim2=-1)
+        # q_j = -H[-j, j] / H_jj: its norm from the column norm of H without the diagonal entry
+        out += ((h.square().sum(-2) - d.square()).clamp_min(0).sqrt() / d.abs())
+    return out
