@@ -3,7 +3,7 @@
 Each unit's separability profile is its Jeffries-Matusita distance for every class pair, from
 per-class Gaussian moments of its activation. Units are clustered on their profiles with
 k-medoids (FasterPAM) for every k; the knee of the mean simplified silhouette picks k*, and one
-representative per cluster (the largest weight norm) is kept.
+representative per cluster (the largest weight norm, or the medoid) is kept.
 """
 from __future__ import annotations
 
@@ -71,12 +71,22 @@ def bhattacharyya(mu_a: Tensor, sd_a: Tensor, mu_b: Tensor, sd_b: Tensor) -> Ten
     return (mu_a - mu_b).square() / (4 * (va + vb)) + 0.5 * torch.log((va + vb) / (2 * sd_a * sd_b))
 
 
-def jm_profiles(moments: ClassMoments, eps: float = 1e-6) -> Tensor:
-    """Jeffries-Matusita profiles (P, C(C-1)/2): JM_ab = 2 (1 - exp(-B_ab)) per class pair a < b."""
+def jm_profiles(moments: ClassMoments, eps: float = 1e-6, root: bool = False) -> Tensor:
+    """Jeffries-Matusita profiles (P, C(C-1)/2): JM_ab = 2 (1 - exp(-B_ab)) per class pair a < b
+    (pairs in torch.triu_indices order), or its square root sqrt(2 (1 - exp(-B))) with root=True
+    (METHODS D.1 leaves the variant open). A pair with a class that was never observed gets 0 for
+    every component: it carries no evidence and shifts no distance between profiles. For conv
+    filters with per-position components (P = filters * positions, filter-major) the filter's
+    profile is `profiles.reshape(filters, -1)`."""
     mu, sd = moments.mean_std(eps)
     a, b = torch.triu_indices(mu.shape[0], mu.shape[0], offset=1)
     bd = bhattacharyya(mu[a], sd[a], mu[b], sd[b])          # (pairs, P)
-    return (2.0 * (1.0 - torch.exp(-bd))).T.contiguous()
+    jm = 2.0 * (1.0 - torch.exp(-bd))
+    if root:
+        jm = jm.sqrt()
+    seen = moments.count > 0
+    jm = jm * (seen[a] & seen[b]).to(jm.dtype)[:, None]
+    return jm.T.contiguous()
 
 
 def _mss(dist: np.ndarray, medoids: np.ndarray) -> float:
@@ -89,37 +99,74 @@ def _mss(dist: np.ndarray, medoids: np.ndarray) -> float:
     return float(s.mean())
 
 
-def select_components(profiles: Tensor, weight_norms: Tensor, k_range: Sequence[int] | None = None,
-                      seed: int = 0) -> CoSePResult:
-    """Cluster the P profiles (P, L) with FasterPAM for each k in k_range (default 2..P-1), pick
-    k* at the knee of MSS(k) (Kneedle, concave increasing, S = 1; without a knee the k of the
-    largest MSS), and keep the member with the largest weight norm in each of the k* clusters."""
-    import kmedoids
+def _distances(x: np.ndarray, metric: str) -> np.ndarray:
+    """Pairwise distances (P, P) of the profiles x (P, L): Euclidean, or 1 - cosine similarity
+    (an all-zero profile is at distance 1 from everything)."""
+    if metric == "cosine":
+        norms = np.linalg.norm(x, axis=1)
+        u = x / np.where(norms > 0, norms, 1.0)[:, None]
+        dist = 1.0 - u @ u.T
+        np.fill_diagonal(dist, 0.0)
+        return np.maximum(dist, 0.0)
+    from scipy.spatial.distance import cdist    # exact differences, no (P, P, L) temporary
+    return cdist(x, x)
+
+
+def _knee(ks: list[int], mss: list[float], poly_degree: int | None) -> int:
+    """Kneedle (concave, increasing, S = 1) on MSS(k), optionally on a least-squares polynomial
+    fit of the curve; without a knee (fewer than 3 k, or a curve with no elbow) the k of the
+    largest MSS."""
     from kneed import KneeLocator
+
+    if len(ks) >= 3:
+        y = np.asarray(mss)
+        if poly_degree is not None:
+            y = np.polyval(np.polyfit(ks, y, min(poly_degree, len(ks) - 1)), ks)
+        knee = KneeLocator(ks, list(y), S=1.0, curve="concave", direction="increasing").knee
+        if knee is not None:
+            return int(knee)
+    return ks[int(np.argmax(mss))]
+
+
+def select_components(profiles: Tensor, weight_norms: Tensor, k_range: Sequence[int] | None = None,
+                      seed: int = 0, metric: str = "euclidean", representative: str = "max_norm",
+                      poly_degree: int | None = None) -> CoSePResult:
+    """Choose which of P components to keep from their separability profiles (P, L).
+
+    For each k in k_range (default 2..P-1) FasterPAM clusters the profiles (distance `metric`:
+    "euclidean" or "cosine") and MSS(k) is the mean simplified silhouette; k* is the knee of
+    MSS(k) (see `_knee`; `poly_degree` smooths the curve first, as CAHP does). One component per
+    cluster of the k* clustering is kept: the member with the largest weight_norms (P,) entry
+    (representative="max_norm", the paper's "highest-weight component") or the medoid
+    (representative="medoid"). Fewer than 3 components: all are kept."""
+    import kmedoids
 
     p = profiles.shape[0]
     if weight_norms.shape != (p,):
         raise ValueError(f"weight_norms must have shape ({p},), got {tuple(weight_norms.shape)}")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if representative not in ("max_norm", "medoid"):
+        raise ValueError(f"representative must be 'max_norm' or 'medoid', got {representative!r}")
+    if poly_degree is not None and poly_degree < 1:
+        raise ValueError(f"poly_degree must be None or >= 1, got {poly_degree}")
     if p < 3:
         return CoSePResult(torch.arange(p), p, [], [])
     ks = list(k_range) if k_range is not None else list(range(2, p))
     if not ks or min(ks) < 2 or max(ks) >= p:
         raise ValueError(f"k_range must lie in [2, {p - 1}], got {ks}")
-    x = profiles.detach().double().cpu().numpy()
-    dist = np.sqrt(np.maximum(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1), 0.0))
+    dist = _distances(profiles.detach().double().cpu().numpy(), metric)
     fits, mss = {}, []
     for k in ks:
         fit = kmedoids.fasterpam(dist, k, random_state=seed, n_cpu=1)
         fits[k] = fit
         mss.append(_mss(dist, np.asarray(fit.medoids)))
-    k_star = None
-    if len(ks) >= 3:
-        knee = KneeLocator(ks, mss, S=1.0, curve="concave", direction="increasing").knee
-        k_star = int(knee) if knee is not None else None
-    if k_star is None:
-        k_star = ks[int(np.argmax(mss))]
-    labels = np.asarray(fits[k_star].labels)
-    norms = weight_norms.detach().double().cpu().numpy()
-    keep = sorted(int(np.flatnonzero(labels == c)[np.argmax(norms[labels == c])])
-                  for c in np.unique(labels))
+    k_star = _knee(ks, mss, poly_degree)
+    if representative == "medoid":
+        keep = sorted(int(m) for m in fits[k_star].medoids)
+    else:
+        labels = np.asarray(fits[k_star].labels)
+        norms = weight_norms.detach().double().cpu().numpy()
+        keep = sorted(int(np.flatnonzero(labels == c)[np.argmax(norms[labels == c])])
+                      for c in np.unique(labels))
     return CoSePResult(torch.tensor(keep, dtype=torch.long), k_star, ks, mss)
