@@ -62,3 +62,33 @@ def test_a_rotation_that_mixes_the_subspaces_changes_the_function():
     w1r, b1r = rotate_producer(w1, b1, r, 0)
     after = tsra(x @ w1r.T + b1r, 1, 3) @ rotate_consumer(w2, r, 0).T
     assert (after - before).abs().max() > 1e-3
+
+
+def test_after_absorbing_the_pca_rotations_the_activation_importances_are_the_sorted_eigenvalues():
+    """A.3-A.5 end to end on a TSRA conv layer: stream the post-activation second moments, absorb
+    the rotations, recapture; each unit's squared activation magnitude is then its eigenvalue
+    (descending within each subspace) and the rotated units are uncorrelated."""
+    g = torch.Generator().manual_seed(2)
+    d, split = 7, 3
+    w1, b1 = torch.randn(d, 3, 3, 3, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    def acts(w, b):             # post-TSRA activations as (N*H*W, C) rows
+        h = tsra(torch.nn.functional.conv2d(x, w, b, padding=1), 1, split)
+        return h.movedim(1, -1).reshape(-1, d)
+
+    h0 = acts(w1, b1)
+    m = SubspaceMoments([split, d - split])
+    for chunk in h0.split(100):
+        m.update(chunk)
+    rots = rotations(m)
+    for (r, _), start in zip(rots, (0, split)):
+        w1, b1 = rotate_producer(w1, b1, r, start)
+    h = acts(w1, b1)
+    energy = h.square().sum(0)
+    for (_, ev), (lo, hi) in zip(rots, ((0, split), (split, d))):
+        ref = torch.linalg.eigvalsh(h0[:, lo:hi].T @ h0[:, lo:hi]).flip(0)    # descending
+        torch.testing.assert_close(energy[lo:hi], ref, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(ev, ref, rtol=1e-9, atol=1e-9)
+        cross = h[:, lo:hi].T @ h[:, lo:hi]
+        torch.testing.assert_close(cross, torch.diag(ev), rtol=1e-9, atol=1e-8)
