@@ -50,6 +50,35 @@ def test_optimal_k_plus_one_fold_is_never_worse_than_any_k_prune(seed):
     assert _best_fold_error(w, k + 1) <= best_prune + 1e-12
 
 
+def test_singletons_plus_one_cluster_of_the_pruned_rows_never_lose_to_the_prune():
+    """The constructive (k+1)-fold of B.1 for 50 random keep-sets of random layers (FOLD-1)."""
+    g = torch.Generator().manual_seed(11)
+    for _ in range(50):
+        w = torch.randn(12, 5, generator=g, dtype=torch.float64) + torch.randn(5, generator=g, dtype=torch.float64)
+        keep = torch.randperm(12, generator=g)[:7]
+        labels = torch.full((12,), 7, dtype=torch.long)
+        labels[keep] = torch.arange(7)
+        assert projection_error_fold(w, labels) <= projection_error_prune(w, keep) + 1e-12
+
+
+def test_folding_duplicated_conv_filters_keeps_a_conv_relu_conv_net_exactly():
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    truth = torch.tensor([2, 0, 1, 0, 2])
+    w1 = base[truth]
+    b1 = torch.randn(3, generator=g, dtype=torch.float64)[truth]
+    w2 = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64)
+    conv = torch.nn.functional.conv2d
+    before = conv(torch.relu(conv(x, w1, b1, padding=1)), w2, padding=1)
+    labels = cluster_units(w1, 3)
+    p, c = merge_maps(labels, 3)
+    w1f = (p @ w1.reshape(5, -1)).reshape(3, 2, 3, 3)
+    w2f = torch.einsum("oikl,ij->ojkl", w2, c)           # consumer in-channels summed per cluster
+    after = conv(torch.relu(conv(x, w1f, p @ b1, padding=1)), w2f, padding=1)
+    torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+
+
 def test_prune_and_fold_errors_have_their_closed_forms():
     w = torch.randn(5, 3, dtype=torch.float64)
     assert projection_error_prune(w, torch.tensor([0, 2])) == pytest.approx(

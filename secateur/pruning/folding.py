@@ -13,10 +13,12 @@ from torch import Tensor
 
 
 def cluster_units(features: Tensor, k: int, seed: int = 42) -> Tensor:
-    """Cluster labels (n,) in [0, k) of the n unit rows `features` (n, p): PCA (all components:
-    centring and a rotation), then k-means (scikit-learn, k-means++ init). Every cluster is
-    non-empty; labels are renumbered by first appearance so they do not depend on the solver's
-    ordering."""
+    """Cluster labels (n,) in [0, k) of the n unit rows `features` (n, p) (conv rows are
+    flattened): PCA (all components: centring and a rotation), then k-means (scikit-learn Lloyd
+    with k-means++ init, n_init=3, max_iter=100, in place of the reference's Hartigan k-means with
+    max_iter=10). Every cluster is non-empty (with fewer distinct rows than k, members of the
+    largest cluster become singletons); labels are renumbered by first appearance so they do not
+    depend on the solver's ordering."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
@@ -28,9 +30,13 @@ def cluster_units(features: Tensor, k: int, seed: int = 42) -> Tensor:
         return torch.arange(n)
     if k == 1:
         return torch.zeros(n, dtype=torch.long)
-    comps = min(x.shape)
-    z = PCA(n_components=comps, random_state=seed).fit_transform(x) if comps > 1 else x - x.mean(0)
-    labels = KMeans(n_clusters=k, n_init=3, max_iter=100, random_state=seed).fit_predict(z)
+    z = x - x.mean(0)
+    if not z.any():                 # all rows equal: one cluster, split below
+        labels = np.zeros(n, dtype=np.int64)
+    else:
+        if min(x.shape) > 1:
+            z = PCA(n_components=min(x.shape), random_state=seed).fit_transform(x)
+        labels = KMeans(n_clusters=k, n_init=3, max_iter=100, random_state=seed).fit_predict(z)
     _, first = np.unique(labels, return_index=True)
     order = {int(labels[f]): j for j, f in enumerate(sorted(first))}
     out = torch.tensor([order[int(c)] for c in labels], dtype=torch.long)
