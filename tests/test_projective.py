@@ -178,6 +178,7 @@ def test_bad_arguments_name_the_argument():
                        (lambda: P.greedy(w, -1), "r"),
                        (lambda: P.joint_qk_scores(w, w, 2, variant="sum"), "variant"),
                        (lambda: P.joint_qk_scores(w, w, 3), "n_heads"),
+                       (lambda: P.joint_qk_scores(_w(8, 1), _w(8, 1), 1, 0.0), "Wq"),
                        (lambda: P.scores(torch.ones(3)), "W"),
                        (lambda: P.scores(torch.ones(3, 2, dtype=torch.float64), 0.0), "W")]:
         with pytest.raises(ValueError, match=word):

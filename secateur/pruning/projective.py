@@ -49,15 +49,19 @@ def _check_lam(lam: float) -> float:
     return float(lam)
 
 
-def ridge_inverse(W: Tensor, lam: float = 1e-3) -> Tensor:
-    """H = (W W^T + lam I)^-1 in float64 via Cholesky (W flattened to rows)."""
-    lam = _check_lam(lam)
-    g = gram(_flat(W), lam)
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
-        raise ValueError("W: the Gram matrix is singular; use lam > 0 (rows are linearly dependent "
-                         "or there are more rows than columns)")
+def _gram_inverse(rows: Tensor, lam: float, name: str = "W") -> Tensor:
+    """(rows rows^T + lam I)^-1 for float64 rows (..., n, m), batched, via Cholesky; `name` is
+    the argument the rows came from (for the error)."""
+    chol, info = torch.linalg.cholesky_ex(gram(rows, lam))
+    if bool((info != 0).any()):
+        raise ValueError(f"{name}: the Gram matrix is singular; use lam > 0 (rows are linearly "
+                         "dependent or there are more rows than columns)")
     return torch.cholesky_inverse(chol)
+
+
+def ridge_inverse(W: Tensor, lam: float = 1e-3) -> Tensor:
+    """H = (W W^T + lam I)^-1 (n, n) in float64 via Cholesky (W flattened to rows)."""
+    return _gram_inverse(_flat(W), _check_lam(lam))
 
 
 def _scores_from_inverse(h: Tensor, lam: float | Tensor) -> Tensor:
@@ -193,15 +197,12 @@ def joint_qk_scores(Wq: Tensor, Wk: Tensor, n_heads: int, lam: float = 1e-3,
     lam = _check_lam(lam)
     hd = Wq.shape[0] // n_heads
 
-    def inverse(rows: Tensor) -> Tensor:        # (heads, hd, hd), one batched Cholesky
-        return torch.cholesky_inverse(torch.linalg.cholesky(gram(rows, lam)))
-
     if variant == "joint":
         joint = torch.cat([Wq, Wk], dim=1).detach().double().reshape(n_heads, hd, -1)
-        return _scores_from_inverse(inverse(joint), lam)
+        return _scores_from_inverse(_gram_inverse(joint, lam, "Wq"), lam)    # batched over heads
     out = torch.zeros(n_heads, hd, dtype=torch.float64)
-    for w in (Wq, Wk):
-        h = inverse(w.detach().double().reshape(n_heads, hd, -1))
+    for name, w in (("Wq", Wq), ("Wk", Wk)):
+        h = _gram_inverse(w.detach().double().reshape(n_heads, hd, -1), lam, name)
         d = h.diagonal(dim1=-2, dim2=-1)
         # q_j = -H[-j, j] / H_jj: its norm from the column norm of H without the diagonal entry
         out += ((h.square().sum(-2) - d.square()).clamp_min(0).sqrt() / d.abs())
