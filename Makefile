@@ -4,10 +4,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU wheel by default; on a CUDA machine: make test TORCH_SPEC="torch==2.13.0 --index-url ..."
-# or pre-install your torch build in .venv and pass TORCH_SPEC=torch.
-TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,equivariant,cuda
+# torch 2.14.1 + torchvision 0.29.1 is the measured pair that imports and runs on CPU here (PyPI's
+# torchvision does not load beside the CPU-only 2.13.0 wheel); it is a CUDA 13 build, so the same
+# venv serves a GPU. Pre-install another build in .venv and pass TORCH_SPEC=torch to keep it.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= dev,equivariant,cuda,hf
 CACHE := $(CURDIR)/.cache
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
