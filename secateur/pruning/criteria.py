@@ -105,31 +105,38 @@ class ActivationCriterion(Criterion):
     def __init__(self, groups: list[UnitGroup]) -> None:
         super().__init__(groups)
         for g in groups:
-            if g.activation is None:
+            if not g.observable:
                 raise ValueError(f"criterion: group {g.name!r} has no activation module to observe")
         self.sq: dict[str, Tensor] = {}
         self.count: dict[str, Tensor] = {}
         self.reset()
         for g in groups:
-            fused = isinstance(g.activation, TSRA)
-            if fused:
+            if self._fused(g):
                 g.activation.track_stats(True)
-            self._hooks.append(g.activation.register_forward_hook(self._hook(g, fused)))
+                self._hooks.append(g.activation.register_forward_hook(self._fused_hook(g)))
+            else:
+                self._hooks.append(g.watch(self._hook(g)))
+
+    @staticmethod
+    def _fused(g: UnitGroup) -> bool:
+        return g.act_slot is None and isinstance(g.activation, TSRA)
 
     def _width(self, g: UnitGroup) -> int:
-        blocks = {s.block for s in g.producers}
-        return g.size * max(blocks)
+        return g.channel_width()
 
-    def _hook(self, g: UnitGroup, fused: bool):
+    def _fused_hook(self, g: UnitGroup):
         def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
             acc = self.sq[g.name]
-            if fused:
-                if mod.stats is not acc:    # the module re-creates its buffer when C changes
-                    acc.add_(mod.stats)
-                    mod.stats = acc
-            else:
-                channel_sq_sum(out.detach(), g.act_dim, out=acc)
+            if mod.stats is not acc:    # the module re-creates its buffer when C changes
+                acc.add_(mod.stats)
+                mod.stats = acc
             self.count[g.name] += out.numel() // out.shape[g.act_dim]
+        return hook
+
+    def _hook(self, g: UnitGroup):
+        def hook(x: Tensor, dim: int) -> None:
+            channel_sq_sum(x.detach(), dim, out=self.sq[g.name])
+            self.count[g.name] += x.numel() // x.shape[dim]
         return hook
 
     def reset(self) -> None:
@@ -138,7 +145,7 @@ class ActivationCriterion(Criterion):
             dev = g.producers[0].tensor.device
             self.sq[g.name] = torch.zeros(w, dtype=torch.float32, device=dev)
             self.count[g.name] = torch.zeros((), dtype=torch.float64, device=dev)
-            if isinstance(g.activation, TSRA):
+            if self._fused(g):
                 g.activation.stats, g.activation.stats_count = self.sq[g.name], 0
 
     def stats(self) -> dict[str, Tensor]:
@@ -149,11 +156,11 @@ class ActivationCriterion(Criterion):
     def close(self) -> None:
         super().close()
         for g in self.groups:
-            if isinstance(g.activation, TSRA):
+            if self._fused(g):
                 g.activation.track_stats(False)
 
     def importance(self, group: UnitGroup) -> Tensor:
-        sq = self.sq[group.name].double().reshape(group.size, -1).sum(1)
+        sq = group.to_units(self.sq[group.name].double())
         n = float(self.count[group.name])
         if n == 0:
             raise ValueError(f"criterion: no activations were observed for group {group.name!r} "
@@ -287,17 +294,18 @@ class CoSePCriterion(Criterion):
         self.moments: dict[str, Any] = {}
         self.reset()
         for g in groups:
-            self._hooks.append(g.activation.register_forward_hook(self._hook(g)))
+            self._hooks.append(g.watch(self._hook(g)))
 
     def observe_targets(self, y: Tensor) -> None:
         self._targets = y.detach().reshape(-1).cpu()
 
     def _hook(self, g: UnitGroup):
-        def hook(mod: nn.Module, inp: Any, out: Tensor) -> None:
+        def hook(out: Tensor, dim: int) -> None:
             if self._targets is None:
                 return
-            a = out.detach().movedim(g.act_dim, 1)
+            a = out.detach().movedim(dim, 1)
             a = a.reshape(a.shape[0], a.shape[1], -1).mean(-1) if a.dim() > 2 else a
+            a = g.to_units(a) / g.channel_table().shape[1]
             if a.shape[0] == self._targets.numel():
                 self.moments[g.name].update(a.double().cpu(), self._targets)
         return hook

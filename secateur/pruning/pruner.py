@@ -28,20 +28,51 @@ def _num_classes(model: nn.Module) -> int:
     return linears[-1].out_features
 
 
+def _resolve_layers(model: nn.Module, layers: Sequence[Any]) -> list[nn.Module]:
+    """Modules given as modules or as names from `model.named_modules()`."""
+    named = dict(model.named_modules())
+    out = []
+    for item in layers:
+        if isinstance(item, nn.Module):
+            out.append(item)
+        elif isinstance(item, str) and item in named:
+            out.append(named[item])
+        else:
+            raise ValueError(f"ignored_layers: {item!r} is neither a module nor a module name of the model")
+    return out
+
+
 class Pruner:
+    """Prunes a model's unit groups while it trains.
+
+    model: any nn.Module (wrappers such as DDP, DataParallel or a DeepSpeed engine are looked
+    through; the Pruner keeps the inner module only). Models that declare `unit_groups()` use those;
+    others are traced once from `example_input` (a tensor, a tuple of positional inputs or a dict of
+    keyword inputs). `layers`: prune only the groups with these names; `ignored_layers`: modules (or
+    module names) whose outputs keep their size, as in Torch-Pruning; `round_to`: every cut width
+    (channels of the group's first producer) stays a multiple of this (whole heads for attention).
+    Layers whose outputs reach the model's outputs never change size."""
+
     def __init__(self, model: nn.Module, criterion: str = "l2", rule: Rule | None = None,
                  schedule: Schedule | None = None, min_units: int = 1,
-                 example_input: Tensor | None = None, layers: Sequence[str] | None = None,
+                 example_input: Any = None, layers: Sequence[str] | None = None,
+                 ignored_layers: Sequence[Any] = (), round_to: int | None = None,
                  **criterion_args: Any) -> None:
+        from secateur.pruning.tracing import unwrap
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
         if min_units < 1:
             raise ValueError(f"min_units must be >= 1, got {min_units}")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+        model = unwrap(model)
         self.model = model
         self.rule = rule or Rule()
         self.schedule = schedule or Schedule()
         self.min_units = int(min_units)
-        self.groups: list[UnitGroup] = build_groups(model, example_input)
+        self.round_to = round_to
+        ignored = _resolve_layers(model, ignored_layers)
+        self.groups: list[UnitGroup] = build_groups(model, example_input, ignored)
         if layers is not None:      # prune only these groups (e.g. the classifier)
             unknown = sorted(set(layers) - {g.name for g in self.groups})
             if unknown:
@@ -128,12 +159,32 @@ class Pruner:
             if keep.numel() < min(self.min_units, before):
                 top = torch.sort(scores[n], descending=True, stable=True).indices[:min(self.min_units, before)]
                 keep = torch.unique(torch.cat([keep, top]))
+            if self.round_to is not None and g.split is None:
+                keep = self._rounded(g, keep, scores[n])
             if keep.numel() < before:
                 crit.shrink(g, keep, optimizer)
             report.append((n, before, g.size))
         crit.reset()
         self.events_done += 1
         return report
+
+    def _rounded(self, g: UnitGroup, keep: Tensor, score: Tensor) -> Tensor:
+        """`keep` grown or shrunk (by score) to the nearest width that is a multiple of round_to."""
+        import math
+        per = g.producers[0].per_unit
+        step = self.round_to // math.gcd(self.round_to, per)       # units per round_to channels
+        if g.size % step and keep.numel() == g.size:
+            return keep
+        want = max(step, int(round(keep.numel() / step)) * step)
+        want = min(want, g.size - g.size % step)
+        order = torch.sort(score, descending=True, stable=True).indices
+        if want > keep.numel():
+            extra = [int(i) for i in order if int(i) not in set(keep.tolist())][:want - keep.numel()]
+            keep = torch.cat([keep, torch.tensor(extra, dtype=torch.long)])
+        elif want < keep.numel():
+            rank = {int(u): r for r, u in enumerate(order)}
+            keep = torch.tensor(sorted(keep.tolist(), key=lambda u: rank[u])[:want], dtype=torch.long)
+        return keep.sort().values
 
     # ---- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

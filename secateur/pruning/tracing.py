@@ -1,89 +1,474 @@
 """Unit groups of an arbitrary model, traced with Torch-Pruning's DependencyGraph.
 
-The graph follows autograd nodes; secateur's TSRA and RMSNorm2d are single autograd Functions,
-so it sees them as channel pass-through and couples the producer before them with the consumer
-after them. Forward hooks recorded during the trace map each activation node back to its module,
-so the group knows its TSRA (whose split the surgery must update) and where to read activations.
+Torch-Pruning follows autograd nodes and maps channel indices through concatenation, split,
+chunk and reshape ("root indices": which channel of the group's root layer an index came from).
+This module turns each of its groups into a UnitGroup with explicit index tables:
+
+- a unit is a connected set of root channels: two root channels that reach the same index of any
+  tensor (a SwiGLU gate row and up row read by one down column), the channels of one GroupNorm
+  group, or the channels of one attention head, are one unit;
+- every tensor a unit touches gets a table (units, k) of the indices it owns (`Slot.orig`); all
+  slots on one tensor axis share an AxisMap, so cuts in one group move the indices others see;
+- the layer registry (`layers.py`) says which tensors each module kind slices on which axis.
+
+Attention modules and per-channel custom modules (LlamaRMSNorm) are traced as one opaque node
+each (a pass-through autograd Function wraps their output during the trace), so their internal
+reshapes and matmuls do not leak channel-level couplings; attention heads become their own
+groups. secateur's TSRA and RMSNorm2d are single autograd Functions already.
+
+Groups that reach the model's outputs are never pruned; a group that touches a module the
+registry cannot handle is left unpruned with a warning naming the module. The trace's autograd
+graph is released before returning: nothing here keeps a reference to it.
 """
 from __future__ import annotations
 
-from typing import Any
+import gc
+import warnings
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from secateur.kernels import TSRA
-from secateur.pruning.groups import Slot, UnitGroup
-
-_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
-
-
-def _output_layer(model: nn.Module) -> nn.Module | None:
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d))]
-    return layers[-1] if layers else None
+from secateur.pruning.attention import attention_spec
+from secateur.pruning.groups import AxisMap, Slot, UnitGroup
+from secateur.pruning.layers import LayerKind, channelwise, layer_kind
 
 
-def trace_groups(model: nn.Module, example_input: Tensor) -> list[UnitGroup]:
-    """One UnitGroup per prunable Conv/Linear output axis (the output layer excluded)."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel, DataParallel or a DeepSpeed engine."""
+    while isinstance(getattr(model, "module", None), nn.Module) and (
+            isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+            or type(model).__name__ in ("DeepSpeedEngine", "PipelineEngine")):
+        model = model.module
+    return model
+
+
+class _Opaque(torch.autograd.Function):
+    """y = out, with a gradient edge only to `x`: the tracer sees one node from x to y."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, out: Tensor) -> Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None]:
+        return None, None
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for a in list(args) + [kwargs.get(k) for k in ("hidden_states", "x", "query", "input")]:
+        if isinstance(a, Tensor) and a.is_floating_point():
+            return a
+    return None
+
+
+def _opaque_forward(m: nn.Module):
+    orig = m.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = orig(*args, **kwargs)
+        x = _first_tensor(args, kwargs)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if x is None or not isinstance(first, Tensor) or not x.requires_grad:
+            return out
+        y = _Opaque.apply(x, first.detach())
+        if isinstance(out, tuple):
+            return (y,) + tuple(out[1:])
+        if isinstance(out, list):
+            return [y] + list(out[1:])
+        return y
+    return forward
+
+
+def _tp_pruner(coupled: bool, width_out, width_in):
+    """A Torch-Pruning layer pruner that only reports widths (secateur's surgery does the cut)."""
     import torch_pruning as tp
 
-    names = {m: n for n, m in model.named_modules()}
-    by_grad_fn: dict[Any, nn.Module] = {}
+    class _Widths(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):  # noqa: D401 - never called
+            raise RuntimeError("secateur cuts through its own surgery")
 
-    def record(mod: nn.Module, inp: Any, out: Any) -> None:
-        if isinstance(out, Tensor) and out.grad_fn is not None:
-            by_grad_fn[out.grad_fn] = mod
+        def prune_in_channels(self, layer, idxs):
+            raise RuntimeError("secateur cuts through its own surgery")
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(record) for m in leaves]
-    try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-    out_layer = _output_layer(model)
-    groups = []
-    for g in graph.get_all_groups(ignored_layers=[out_layer] if out_layer is not None else [],
-                                  root_module_types=[nn.Conv2d, nn.Conv1d, nn.Linear]):
-        groups.append(_convert(g, names, by_grad_fn))
-    return [g for g in groups if g is not None]
+        if coupled:
+            prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer):
+            return width_out(layer)
+
+        def get_in_channels(self, layer):
+            return width_in(layer)
+    return _Widths()
 
 
-def _convert(group: Any, names: dict, by_grad_fn: dict) -> UnitGroup | None:
-    producers, consumers, norms, tsra, acts = [], [], [], [], []
-    n_units = None
-    for item in group.items:
-        dep, idxs = item.dep, item.idxs
-        mod = dep.target.module
-        handler = getattr(dep.handler, "__name__", str(dep.handler))
-        out_side = handler.startswith("prune_out")
-        if isinstance(mod, (nn.Conv2d, nn.Conv1d, nn.Linear)):
-            if isinstance(mod, (nn.Conv2d, nn.Conv1d)) and mod.groups != 1:
-                raise ValueError(f"model: grouped convolution {names.get(mod, mod)!r} is not supported")
-            if out_side:
-                producers.append(Slot(mod, "weight", 0))
-                if mod.bias is not None:
-                    producers.append(Slot(mod, "bias", 0))
-                n_units = mod.weight.shape[0]
+def _complete(tg: Any) -> dict:
+    """{dependency: [(index, root index)]} for every item of a Torch-Pruning group, with the pairs
+    its propagation skipped: it visits a node once per index set, so a node reached again with
+    the same indices from other roots (the product of a SwiGLU's gate and up halves) keeps only
+    the first roots. One more step from every item restores them."""
+    from torch_pruning._helpers import _HybridIndex
+    found: dict[Any, set] = {}
+    by_target: dict[tuple[int, Any], Any] = {}
+    for it in tg.items:
+        found.setdefault(it.dep, set()).update(zip(it.idxs, it.root_idxs))
+        by_target[(id(it.dep.target), it.dep.handler)] = it.dep
+    for it in tg.items:
+        hybrid = [_HybridIndex(i, r) for i, r in zip(it.idxs, it.root_idxs)]
+        for nd in it.dep.target.dependencies:
+            if not nd.is_triggered_by(it.dep.handler):
+                continue
+            key = (id(nd.target), nd.handler)
+            if key not in by_target:
+                continue
+            mapped = hybrid
+            for mapping in nd.index_mapping:
+                if mapping is not None:
+                    mapped = mapping(mapped)
+            found[by_target[key]].update((h.idx, h.root_idx) for h in mapped
+                                         if isinstance(h, _HybridIndex))
+    return {d: sorted(p) for d, p in found.items()}
+
+
+def _resolve(m: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    if "." not in dotted:
+        return m, dotted
+    path, name = dotted.rsplit(".", 1)
+    return m.get_submodule(path), name
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.p = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.p[a] != a:
+            self.p[a] = self.p[self.p[a]]
+            a = self.p[a]
+        return a
+
+    def union(self, items: Iterable[int]) -> None:
+        items = list(items)
+        for b in items[1:]:
+            ra, rb = self.find(items[0]), self.find(b)
+            if ra != rb:
+                self.p[max(ra, rb)] = min(ra, rb)
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Tracer:
+    def __init__(self, model: nn.Module, example_input: Any, ignored: Sequence[nn.Module]) -> None:
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.ignored = set(id(m) for m in ignored)
+        self.owner: dict[int, tuple[nn.Module, str]] = {}
+        for mod in model.modules():
+            for n, p in mod._parameters.items():
+                if p is not None:
+                    self.owner.setdefault(id(p), (mod, n))
+        self.axis_maps: dict[tuple[int, int], AxisMap] = {}
+        self.warned: set[str] = set()
+        self.example_input = example_input
+
+    def name(self, m: Any) -> str:
+        return self.names.get(m, type(m).__name__)
+
+    def warn(self, msg: str) -> None:
+        if msg not in self.warned:
+            self.warned.add(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def axis_map(self, t: Tensor, axis: int) -> AxisMap:
+        key = (id(t), axis)
+        if key not in self.axis_maps:
+            self.axis_maps[key] = AxisMap(t.shape[axis])
+        return self.axis_maps[key]
+
+    # ---- the trace ----------------------------------------------------------------------------
+    def trace(self) -> list[UnitGroup]:
+        import torch_pruning as tp
+        from torch_pruning import ops
+
+        model = self.model
+        special: dict[type, Any] = {}
+        patched: list[nn.Module] = []
+        self.attn: list[nn.Module] = []
+        for m in model.modules():
+            kind = layer_kind(m)
+            if isinstance(kind, str):
+                if isinstance(m, nn.MultiheadAttention):
+                    patched.append(m)
+                continue
+            if kind.attention is not None:
+                spec = kind.attention
+                self.attn.append(m)
+                patched.append(m)
+                special[type(m)] = _tp_pruner(False, lambda l: _layer_width(l, "out"),
+                                              lambda l: _layer_width(l, "in"))
+            elif (channelwise(m) and not isinstance(m, _TP_KNOWN)) or isinstance(m, getattr(nn, "RMSNorm", ())):
+                patched.append(m)
+                special[type(m)] = _tp_pruner(True, lambda l: _layer_width(l, "out"),
+                                              lambda l: _layer_width(l, "out"))
+            elif type(m).__name__ == "Conv1D":
+                special[type(m)] = _tp_pruner(False, lambda l: l.weight.shape[1], lambda l: l.weight.shape[0])
+
+        by_grad_fn: dict[Any, nn.Module] = {}
+
+        def record(mod: nn.Module, inp: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.grad_fn is not None:
+                by_grad_fn[out.grad_fn] = mod
+
+        outputs: list[Any] = []
+
+        def forward_fn(m: nn.Module, x: Any) -> Any:
+            if isinstance(x, dict):
+                out = m(**x)
+            elif isinstance(x, (tuple, list)):
+                out = m(*x)
             else:
-                consumers.append((mod, len(idxs)))
-        elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
-            if isinstance(mod, nn.GroupNorm):
-                raise ValueError(f"model: GroupNorm {names.get(mod, mod)!r} is not supported")
-            norms += [Slot(mod, k, 0) for k in _NORM_BUFFERS if getattr(mod, k, None) is not None]
-        elif isinstance(mod, nn.Module) and any(True for _ in mod.parameters(recurse=False)):
-            raise ValueError(f"model: cannot prune through {type(mod).__name__} {names.get(mod, '')!r}")
-        else:
-            m = by_grad_fn.get(getattr(dep.target, "grad_fn", None))
-            if isinstance(m, TSRA) and m not in tsra:
-                tsra.append(m)
-            if m is not None and m not in acts and not isinstance(m, (nn.Flatten, nn.Dropout)):
-                acts.append(m)
-    if not producers or n_units is None:
-        return None
-    cons = [Slot(m, "weight", 1, block=max(1, k // n_units)) for m, k in consumers]
-    name = names.get(producers[0].module, "group")
-    activation = tsra[0] if tsra else (acts[-1] if acts else None)
-    return UnitGroup(name=name, producers=producers, consumers=cons, norms=norms, tsra=tsra,
-                     activation=activation, act_dim=1)
+                out = m(x)
+            flat = [o for o in tp.utils.flatten_as_list(out) if isinstance(o, Tensor)
+                    and o.is_floating_point() and o.grad_fn is not None]
+            outputs.extend(o.grad_fn for o in flat)
+            return flat
+
+        modes = {m: m.training for m in model.modules()}
+        leaves = [m for m in model.modules() if not list(m.children())]
+        hooks = [m.register_forward_hook(record) for m in leaves]
+        for m in patched:
+            m.forward = _opaque_forward(m)
+        try:
+            with torch.enable_grad():
+                graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=self.example_input, forward_fn=forward_fn,
+                    customized_pruners=special, verbose=False)
+            roots = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding) + tuple(special)
+            tp_groups = list(graph.get_all_groups(root_module_types=roots))
+            self.output_fns = set(outputs)
+            self.by_grad_fn = by_grad_fn
+            groups = [g for g in (self.convert(graph, tg) for tg in tp_groups) if g is not None]
+            groups += [g for g in (self.head_group(m) for m in self.attn) if g is not None]
+        finally:
+            for h in hooks:
+                h.remove()
+            for m in patched:
+                m.__dict__.pop("forward", None)
+            for m, t in modes.items():
+                m.training = t
+            # release the traced autograd graph now (Torch-Pruning's nodes form reference cycles)
+            graph = tp_groups = outputs = by_grad_fn = None
+            self.output_fns = self.by_grad_fn = None
+            gc.collect()
+        return groups
+
+    # ---- conversion ---------------------------------------------------------------------------
+    def convert(self, graph: Any, tg: Any) -> UnitGroup | None:
+        from torch_pruning import ops
+        root_mod = tg.items[0].dep.target.module
+        try:
+            return self._convert(graph, tg)
+        except _Refused as e:
+            msg = str(e)
+            if msg:
+                self.warn(f"pruning: group of {self.name(root_mod)!r} left unpruned: {msg}")
+            return None
+
+    def _convert(self, graph: Any, tg: Any) -> UnitGroup:
+        from torch_pruning import ops
+        entries: dict[tuple[int, int], dict] = {}
+        ties: list[list[tuple[int, int]]] = []   # lists of (target, root) that must be one unit
+        tsra: list[nn.Module] = []
+        modules: list[nn.Module] = []
+        n_roots = 1 + max(max(it.root_idxs) for it in tg.items if len(it.root_idxs))
+        for dep, pairs in _complete(tg).items():
+            idxs, roots = [p[0] for p in pairs], [p[1] for p in pairs]
+            node, mod = dep.target, dep.target.module
+            out_side = graph.is_out_channel_pruning_fn(dep.handler)
+            if isinstance(mod, ops._OutputOp):
+                raise _Refused("")                       # reaches the model's output
+            if out_side and getattr(node, "grad_fn", None) in self.output_fns:
+                raise _Refused("")
+            if isinstance(mod, nn.Parameter):
+                self._add_param(mod, node, idxs, roots, entries)
+                continue
+            if not isinstance(mod, nn.Module) or type(mod).__module__.startswith("torch_pruning"):
+                m = self.by_grad_fn.get(getattr(node, "grad_fn", None))
+                if isinstance(m, TSRA) and m not in tsra:
+                    tsra.append(m)
+                if isinstance(mod, (ops._ElementWiseOp, ops._ConcatOp, ops._SplitOp)):
+                    # one channel of one op's tensor reached from two roots: one unit
+                    # (the gate and up halves of a SwiGLU meet at the product)
+                    by_target = defaultdict(list)
+                    for i, r in zip(idxs, roots):
+                        by_target[i].append((i, r))
+                    ties += [v for v in by_target.values() if len(v) > 1]
+                continue
+            if id(mod) in self.ignored and out_side:
+                raise _Refused("")
+            kind = layer_kind(mod)
+            if isinstance(kind, str):
+                raise _Refused(f"{self.name(mod)} ({type(mod).__name__}): {kind}")
+            modules.append(mod)
+            side = "out" if out_side else "in"
+            if kind.attention is not None:
+                spec = kind.attention
+                if side == "out" and spec.o is None:
+                    if spec.n_heads != spec.n_kv_heads:
+                        raise _Refused(f"{self.name(mod)}: grouped-query attention with its output "
+                                       "projection outside the module")
+                    per = spec.context_units().shape[1]
+                    ties += [[(i, r) for i, r in zip(idxs, roots) if i // per == h]
+                             for h in range(spec.n_heads)]
+                    for sub in {n.split(".")[0] for n, _ in spec.out_axes()}:
+                        modules.append(spec.proj(sub))
+                for dotted, axis in (spec.out_axes() if side == "out" else spec.in_axes()):
+                    owner, name = _resolve(mod, dotted)
+                    if getattr(owner, name, None) is None:
+                        continue
+                    role = "producer" if side == "out" else "consumer"
+                    self._add(owner, name, axis, idxs, roots, role, entries)
+                    modules.append(owner)
+                continue
+            axes = kind.out if (side == "out" or kind.coupled) else kind.inp
+            if side == "in" and not kind.coupled and not kind.inp:
+                raise _Refused(f"{self.name(mod)} ({type(mod).__name__}) has no input axis to cut")
+            role = kind.role if kind.role == "norm" else ("producer" if side == "out" else "consumer")
+            for name, axis in axes:
+                if getattr(mod, name, None) is not None:
+                    self._add(mod, name, axis, idxs, roots, role, entries)
+            if kind.tie > 1:
+                blocks = defaultdict(list)
+                for i, r in zip(idxs, roots):
+                    blocks[i // kind.tie].append((i, r))
+                ties += list(blocks.values())
+        return self._build(tg, entries, ties, n_roots, tsra, modules)
+
+    def _add(self, mod: nn.Module, name: str, axis: int, idxs: list, roots: list, role: str,
+             entries: dict) -> None:
+        t = getattr(mod, name)
+        key = (id(t), axis)
+        e = entries.setdefault(key, {"module": mod, "name": name, "axis": axis, "pairs": set(),
+                                     "role": role})
+        if role == "producer":
+            e["role"] = "producer"
+        e["pairs"].update(zip(idxs, roots))
+
+    def _add_param(self, p: nn.Parameter, node: Any, idxs: list, roots: list, entries: dict) -> None:
+        if id(p) not in self.owner:
+            raise _Refused("a parameter outside the model")
+        mod, name = self.owner[id(p)]
+        if not any(True for _ in mod.children()):      # a leaf module's own weight, unknown kind
+            kind = layer_kind(mod)
+            if isinstance(kind, str):
+                raise _Refused(f"{self.name(mod)} ({type(mod).__name__}): {kind}")
+        axis = node.pruning_dim if node.pruning_dim is not None else p.dim() - 1
+        axis = axis % p.dim()
+        self._add(mod, name, axis, idxs, roots, "norm", entries)
+
+    def _build(self, tg: Any, entries: dict, ties: list, n_roots: int, tsra: list,
+               modules: list) -> UnitGroup:
+        uf = _UnionFind(n_roots)
+        for e in entries.values():
+            by_target = defaultdict(list)
+            for i, r in e["pairs"]:
+                by_target[i].append(r)
+            for rs in by_target.values():
+                uf.union(rs)
+        for tie in ties:
+            uf.union(r for _, r in tie)
+        used = sorted({r for e in entries.values() for _, r in e["pairs"]})
+        comp = defaultdict(list)
+        for r in used:
+            comp[uf.find(r)].append(r)
+        units = sorted(comp.values(), key=min)
+        unit_of = {r: u for u, rs in enumerate(units) for r in rs}
+        producers, consumers, norms = [], [], []
+        root_name = self.name(tg.items[0].dep.target.module)
+        for e in entries.values():
+            owned = defaultdict(set)
+            for i, r in e["pairs"]:
+                owned[unit_of[r]].add(i)
+            if len(owned) != len(units) or len({len(v) for v in owned.values()}) != 1:
+                raise _Refused(f"{self.name(e['module'])}.{e['name']}: units own irregular index sets")
+            table = torch.tensor([sorted(owned[u]) for u in range(len(units))], dtype=torch.long)
+            t = getattr(e["module"], e["name"])
+            slot = Slot(e["module"], e["name"], e["axis"], orig=table,
+                        axis_map=self.axis_map(t, e["axis"]))
+            {"producer": producers, "consumer": consumers, "norm": norms}[e["role"]].append(slot)
+        if not producers:
+            raise _Refused("")
+        for s in producers + consumers + norms:
+            if (s.orig >= s.axis_map.alive.numel()).any() or not s.axis_map.alive.all():
+                raise _Refused(f"{self.name(s.module)}.{s.name}: index outside its axis")
+        uniq = []
+        for m in modules:
+            if all(m is not u for u in uniq):
+                uniq.append(m)
+        act = _act_slot(consumers)
+        activation = tsra[0] if tsra else None
+        return UnitGroup(name=root_name, producers=producers, consumers=consumers, norms=norms,
+                         tsra=tsra, activation=activation if act is None else None, act_dim=1,
+                         act_slot=None if tsra else act, modules=uniq)
+
+    def head_group(self, m: nn.Module) -> UnitGroup | None:
+        """The heads of an attention module whose output projection is inside it."""
+        spec = attention_spec(m)
+        if spec is None or spec.o is None:
+            return None
+        producers, consumers = [], []
+        for child, name, axis, table in spec.head_slots():
+            sub = spec.proj(child)
+            t = getattr(sub, name)
+            slot = Slot(sub, name, axis, orig=table, axis_map=self.axis_map(t, axis))
+            (consumers if child == spec.o else producers).append(slot)
+        mods = [m] + [spec.proj(c) for c in {s[0] for s in spec.head_slots()}]
+        return UnitGroup(name=self.name(m), producers=producers, consumers=consumers,
+                         act_slot=_act_slot(consumers), modules=mods)
+
+
+_TP_KNOWN = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU,
+             nn.modules.instancenorm._InstanceNorm, nn.Embedding, nn.Linear)
+
+
+def _layer_width(m: nn.Module, side: str) -> int:
+    kind = layer_kind(m)
+    if isinstance(kind, str):
+        return 0
+    axes = kind.out if side == "out" else kind.inp
+    for dotted, axis in axes:
+        owner, name = _resolve(m, dotted)
+        t = getattr(owner, name, None)
+        if t is not None:
+            return t.shape[axis]
+    return 0
+
+
+def _act_slot(consumers: list[Slot]) -> Slot | None:
+    """The consumer whose input the statistics read: a dense layer (Linear, Conv1D, ungrouped conv)
+    reading the units on its weight's input axis."""
+    for s in consumers:
+        if s.name != "weight":
+            continue
+        m = s.module
+        if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" or \
+                (isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1):
+            return s
+    return None
+
+
+def act_dim(module: nn.Module) -> int:
+    """Channel axis of `module`'s input: last for Linear / HF Conv1D, 1 for convolutions."""
+    return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+
+def trace_groups(model: nn.Module, example_input: Any,
+                 ignored_layers: Sequence[nn.Module] = ()) -> list[UnitGroup]:
+    """One UnitGroup per prunable coupled unit axis of `model` (outputs, `ignored_layers` and
+    modules the registry cannot handle excluded; see the module docstring). `example_input`: a
+    tensor, a tuple of positional inputs or a dict of keyword inputs for one forward pass."""
+    return _Tracer(unwrap(model), example_input, ignored_layers).trace()
