@@ -121,8 +121,10 @@ def test_dependency_graph_groups_couple_producers_norms_and_flattened_consumers(
     assert set(groups) == {"0", "4", "8"}                   # the logits layer is never a group
     assert groups["0"].tsra == [model[2]] and groups["0"].activation is model[2]
     assert [s.module for s in groups["4"].norms] == [model[5]] * 4
-    assert [(s.module, s.block) for s in groups["4"].consumers] == [(model[8], 4)]
-    assert groups["8"].activation is model[9]
+    assert [(s.module, s.per_unit) for s in groups["4"].consumers] == [(model[8], 4)]
+    assert torch.equal(groups["4"].consumers[0].table(), torch.arange(24).reshape(6, 4))  # a unit owns a block
+    # statistics read what the consumer reads (the ReLU's output is the last Linear's input)
+    assert groups["8"].act_slot.module is model[10] and groups["8"].channel_width() == 5
 
 
 def test_traced_generic_model_prunes_and_keeps_silent_units_function():

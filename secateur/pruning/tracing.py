@@ -412,7 +412,7 @@ class _Tracer:
         act = _act_slot(consumers)
         activation = tsra[0] if tsra else None
         return UnitGroup(name=root_name, producers=producers, consumers=consumers, norms=norms,
-                         tsra=tsra, activation=activation if act is None else None, act_dim=1,
+                         tsra=tsra, activation=activation, act_dim=1,
                          act_slot=None if tsra else act, modules=uniq)
 
     def head_group(self, m: nn.Module) -> UnitGroup | None:
