@@ -142,6 +142,14 @@ def _f(v: Any, fmt: str = ".2f") -> str:
     return str(v)
 
 
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table (preceded by a blank line), or nothing without rows."""
+    if not rows:
+        return []
+    return ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
 def summary_markdown(res: dict[str, Any]) -> str:
     meta = res.get("meta", {})
     env = res.get("env", {})
@@ -177,39 +185,27 @@ def summary_markdown(res: dict[str, Any]) -> str:
         if cp:
             out.append(f"device-to-device copy: **{cp['GB/s']:.4g} GB/s** ({cp['buffer_MiB']} MiB buffer, "
                        "read + write)")
-        rows = b.get("channel_ops") or []
-        if rows:
-            out += ["", "| op | dtype | shape | Triton ms | GB/s | of copy | torch ms | GB/s | Triton speed-up |",
-                    "|---|---|---|---|---|---|---|---|---|"]
-            for r in rows:
-                tr, to = r["triton"], r["torch"]
-                frac = "-" if tr.get("of_copy") is None else f"{100 * tr['of_copy']:.0f}%"
-                out.append(f"| {r['op']} | {r['dtype']} | {tuple(r['shape'])} | {tr['ms']:.3g} | {tr['GB/s']:.3g} | "
-                           f"{frac} | {to['ms']:.3g} | {to['GB/s']:.3g} | x{r['speedup']:.2f} |")
-        grams = b.get("gram") or []
-        if grams:
-            out += ["", "| Gram | dtype | Triton TFLOP/s | torch path | matmul IEEE fp32 | matmul TF32 | matmul bf16 |",
-                    "|---|---|---|---|---|---|---|"]
-            for g in grams:
-                def tf(k):
-                    return f"{g[k]['TFLOP/s']:.3g}" if k in g else "-"
-                out.append(f"| {tuple(g['shape'])} | {g['dtype']} | {tf('triton')} | {tf('torch_path')} | "
-                           f"{tf('matmul_ieee')} | {tf('matmul_tf32')} | {tf('matmul_bf16')} |")
-        steps = b.get("train_step_stats_overhead") or []
-        if steps:
-            out += ["", "| training step | batch | params | no stats ms | fused stats ms | overhead |",
-                    "|---|---|---|---|---|---|"]
-            for s in steps:
-                out.append(f"| {s['model']} | {s['batch']} | {s['params']:,} | {s['plain_ms']:.3f} | "
-                           f"{s['stats_ms']:.3f} | {s['overhead_pct']:+.1f}% |")
-        greedy = b.get("greedy") or []
-        if greedy:
-            out += ["", "| greedy n x m, r | torch ms | CUDA C f64 ms | CUDA C f32 ms | speed-up f64 | same order f64 |",
-                    "|---|---|---|---|---|---|"]
-            for g in greedy:
-                cu64 = _f(g.get("cuda_f64"), ".2f") if "cuda_f64" in g else g.get("cuda", "-")
-                out.append(f"| {g['n']} x {g['m']}, {g['r']} | {g['torch']:.2f} | {cu64} | "
-                           f"{_f(g.get('cuda_f32'))} | {_f(g.get('speedup_f64'))} | {_f(g.get('same_order_f64'), '')} |")
+        out += _table(["op", "dtype", "shape", "Triton ms", "GB/s", "of copy", "torch ms", "GB/s",
+                       "Triton speed-up"],
+                      [[r["op"], r["dtype"], tuple(r["shape"]), f"{r['triton']['ms']:.3g}",
+                        f"{r['triton']['GB/s']:.3g}",
+                        "-" if r["triton"].get("of_copy") is None else f"{100 * r['triton']['of_copy']:.0f}%",
+                        f"{r['torch']['ms']:.3g}", f"{r['torch']['GB/s']:.3g}", f"x{r['speedup']:.2f}"]
+                       for r in b.get("channel_ops") or []])
+        gram_cols = ("triton", "torch_path", "matmul_ieee", "matmul_tf32", "matmul_bf16")
+        out += _table(["Gram", "dtype", "Triton TFLOP/s", "torch path", "matmul IEEE fp32", "matmul TF32",
+                       "matmul bf16"],
+                      [[tuple(g["shape"]), g["dtype"],
+                        *(f"{g[k]['TFLOP/s']:.3g}" if k in g else "-" for k in gram_cols)]
+                       for g in b.get("gram") or []])
+        out += _table(["training step", "batch", "params", "no stats ms", "fused stats ms", "overhead"],
+                      [[s["model"], s["batch"], f"{s['params']:,}", f"{s['plain_ms']:.3f}", f"{s['stats_ms']:.3f}",
+                        f"{s['overhead_pct']:+.1f}%"] for s in b.get("train_step_stats_overhead") or []])
+        out += _table(["greedy n x m, r", "torch ms", "CUDA C f64 ms", "CUDA C f32 ms", "speed-up f64",
+                       "same order f64"],
+                      [[f"{g['n']} x {g['m']}, {g['r']}", f"{g['torch']:.2f}",
+                        _f(g.get("cuda_f64")) if "cuda_f64" in g else g.get("cuda", "-"), _f(g.get("cuda_f32")),
+                        _f(g.get("speedup_f64")), _f(g.get("same_order_f64"), "")] for g in b.get("greedy") or []])
         for k, v in (b.get("errors") or {}).items():
             out.append(f"- bench section {k} failed: {v}")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from secateur.gpucheck import BUDGET_S, KERNEL_TEST_FILES, PLATFORMS, STAGE_TIMEOUTS, TARGET_PYTHON
 from secateur.gpucheck.report import aggregate_tests, run_dir_result, summary_markdown
+from secateur.gpucheck.wheels import sha256
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU = 0, 1, 2, 3
@@ -106,14 +106,6 @@ def vkey(version: str | None) -> tuple[int, ...]:
             break
         out.append(int(m.group()))
     return tuple(out)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def unzip_wheels(files: list[Path], target: Path) -> None:

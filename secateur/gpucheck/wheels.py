@@ -194,7 +194,7 @@ def fashion_mnist_subset(dest: Path, root: str = FMNIST_ROOT,
             "rows_of": str(config.relative_to(REPO))}
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -230,7 +230,7 @@ def build(dest: Path, data: bool = True, max_mib: float = 40.0, fmnist_root: str
         for w in sorted(tmp.glob("*.whl")):
             t = parse_wheel_name(w.name)
             wheels.append({"file": w.name, "name": t["name"], "version": t["version"],
-                           "bytes": w.stat().st_size, "sha256": _sha256(w),
+                           "bytes": w.stat().st_size, "sha256": sha256(w),
                            "cp312": cp312_compatible(w.name)})
         data_files = sorted(p for p in (tmp / "fashion-mnist").glob("*")) if data else []
         total = sum(w["bytes"] for w in wheels) + sum(p.stat().st_size for p in data_files)
