@@ -60,3 +60,21 @@ bench: install data warm
 
 clean:
 	rm -rf $(VENV) $(CACHE) runs *.egg-info
+
+# ---- GPU check (README, "GPU check") ----------------------------------------------------------
+# make gpu-wheels (here, with network): the cp312 wheels the offline CUDA machine lacks, secateur's
+# own wheel and the quickstart's Fashion-MNIST rows, in $(GPU_WHEELS)/ (git-ignored by its own
+# .gitignore). make gpu-check OUT=dir (on the CUDA machine, with its python3, not .venv): install
+# them, kernel tests, benchmarks and a pruned DeepSpeed run; results.json + summary.md in OUT.
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= gpu-wheels
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: install data
+	$(BIN)/python -m secateur.gpucheck.wheels --dest $(GPU_WHEELS)
+
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [GPU_CHECK_ARGS='--allow-cpu --small']"; exit 2; }
+	@$(GPU_PYTHON) -m secateur.gpucheck --out $(OUT) --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
