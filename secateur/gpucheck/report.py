@@ -201,11 +201,16 @@ def summary_markdown(res: dict[str, Any]) -> str:
         out += _table(["training step", "batch", "params", "no stats ms", "fused stats ms", "overhead"],
                       [[s["model"], s["batch"], f"{s['params']:,}", f"{s['plain_ms']:.3f}", f"{s['stats_ms']:.3f}",
                         f"{s['overhead_pct']:+.1f}%"] for s in b.get("train_step_stats_overhead") or []])
-        out += _table(["greedy n x m, r", "torch ms", "CUDA C f64 ms", "CUDA C f32 ms", "speed-up f64",
-                       "same order f64"],
-                      [[f"{g['n']} x {g['m']}, {g['r']}", f"{g['torch']:.2f}",
+        out += _table(["greedy n x m, r", "torch host ms", "torch device ms", "CUDA C f64 ms", "CUDA C f32 ms",
+                       "f64 speed-up vs host", "same order f64"],
+                      [[f"{g['n']} x {g['m']}, {g['r']}", _f(g.get("torch_cpu")),
+                        _f(g.get("torch_cuda")) if "torch_cuda_error" not in g else "error (below)",
                         _f(g.get("cuda_f64")) if "cuda_f64" in g else g.get("cuda", "-"), _f(g.get("cuda_f32")),
-                        _f(g.get("speedup_f64")), _f(g.get("same_order_f64"), "")] for g in b.get("greedy") or []])
+                        _f(g.get("speedup_f64_vs_torch_cpu")), _f(g.get("same_order_f64"), "")]
+                       for g in b.get("greedy") or []])
+        for g in b.get("greedy") or []:
+            if g.get("torch_cuda_error"):
+                out.append(f"- torch greedy on the device, n = {g['n']}: {g['torch_cuda_error']}")
         for k, v in (b.get("errors") or {}).items():
             out.append(f"- bench section {k} failed: {v}")
 

@@ -226,6 +226,10 @@ class _Tracer:
         outputs: list[Any] = []
 
         def forward_fn(m: nn.Module, x: Any) -> Any:
+            # Torch-Pruning switches to eval(); trace in the user's mode instead, so branches
+            # that only run in training (Inception's auxiliary heads) are seen
+            for mod, t in modes.items():
+                mod.training = t
             if isinstance(x, dict):
                 out = m(**x)
             elif isinstance(x, (tuple, list)):
@@ -237,11 +241,22 @@ class _Tracer:
             outputs.extend(o.grad_fn for o in flat)
             return flat
 
+        # GLU halves its input's channels; traced as chunk + product, the halves couple unit-wise
+        glu = torch.nn.functional.glu
+
+        def glu_as_chunks(x: Tensor, dim: int = -1) -> Tensor:
+            a, b = x.chunk(2, dim)
+            return a * torch.sigmoid(b)
+
         modes = {m: m.training for m in model.modules()}
+        buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+                   if not isinstance(v, nn.Parameter) and torch.is_tensor(v)}
+        rng = torch.get_rng_state()
         leaves = [m for m in model.modules() if not list(m.children())]
         hooks = [m.register_forward_hook(record) for m in leaves]
         for m in patched:
             m.forward = _opaque_forward(m)
+        torch.nn.functional.glu = glu_as_chunks
         try:
             with torch.enable_grad():
                 graph = tp.DependencyGraph().build_dependency(
@@ -253,13 +268,20 @@ class _Tracer:
             self.by_grad_fn = by_grad_fn
             groups = [g for g in (self.convert(graph, tg) for tg in tp_groups) if g is not None]
             groups += [g for g in (self.head_group(m) for m in self.attn) if g is not None]
+            groups = self.merge_shared(groups)
         finally:
+            torch.nn.functional.glu = glu
             for h in hooks:
                 h.remove()
             for m in patched:
                 m.__dict__.pop("forward", None)
             for m, t in modes.items():
                 m.training = t
+            with torch.no_grad():       # the trace's forward must leave no trace (BN statistics)
+                for k, v in model.state_dict(keep_vars=True).items():
+                    if k in buffers and torch.is_tensor(v) and v.shape == buffers[k].shape:
+                        v.copy_(buffers[k])
+            torch.set_rng_state(rng)
             # release the traced autograd graph now (Torch-Pruning's nodes form reference cycles)
             graph = tp_groups = outputs = by_grad_fn = None
             self.output_fns = self.by_grad_fn = None
@@ -414,6 +436,77 @@ class _Tracer:
         return UnitGroup(name=root_name, producers=producers, consumers=consumers, norms=norms,
                          tsra=tsra, activation=activation, act_dim=1,
                          act_slot=None if tsra else act, modules=uniq)
+
+    # ---- groups that share a tensor axis (tied weights) -------------------------------------------
+    def merge_shared(self, groups: list[UnitGroup]) -> list[UnitGroup]:
+        """Merge groups that cut the same tensor axis: a weight tied between two layers (a masked-LM
+        decoder sharing the input embedding) couples the hidden width before and after it. Units
+        that own a common index become one unit; a merge that leaves irregular units leaves both
+        groups unpruned with a warning."""
+        while True:
+            owner: dict[tuple[int, int], int] = {}
+            pair = None
+            for gi, g in enumerate(groups):
+                for sl in g.producers + g.consumers + g.norms:
+                    key = (id(sl.tensor), sl.axis)
+                    if owner.get(key, gi) != gi:
+                        pair = (owner[key], gi)
+                        break
+                    owner[key] = gi
+                if pair:
+                    break
+            if pair is None:
+                return groups
+            a, b = groups[pair[0]], groups[pair[1]]
+            try:
+                merged = [self._merge_two(a, b)]
+            except _Refused as e:
+                self.warn(f"pruning: groups {a.name!r} and {b.name!r} left unpruned: {e}")
+                merged = []
+            groups = [g for i, g in enumerate(groups) if i not in pair] + merged
+
+    def _merge_two(self, a: UnitGroup, b: UnitGroup) -> UnitGroup:
+        if a.tsra or b.tsra:
+            raise _Refused("they share a tied tensor and one has a TSRA")
+        offset = a.size
+        uf = _UnionFind(a.size + b.size)
+        holders: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        for base, g in ((0, a), (offset, b)):
+            for sl in g.producers + g.consumers + g.norms:
+                if sl.orig is None:
+                    raise _Refused("a declared slot has no index table")
+                for u in range(sl.units):
+                    for i in sl.orig[u].tolist():
+                        holders[(id(sl.tensor), sl.axis, i)].append(base + u)
+        for us in holders.values():
+            uf.union(us)
+        comps = defaultdict(list)
+        for u in range(a.size + b.size):
+            comps[uf.find(u)].append(u)
+        units = sorted(comps.values(), key=min)
+        new: dict[tuple[int, int], Slot] = {}
+        roles = {"producers": [], "consumers": [], "norms": []}
+        for base, g in ((0, a), (offset, b)):
+            for role in roles:
+                for sl in getattr(g, role):
+                    key = (id(sl.tensor), sl.axis)
+                    if key in new:
+                        continue
+                    rows = []
+                    for comp in units:
+                        own = sorted({i for u in comp if base <= u < base + sl.units
+                                      for i in sl.orig[u - base].tolist()})
+                        rows.append(own)
+                    if len({len(r) for r in rows}) != 1 or not rows[0]:
+                        raise _Refused(f"{self.name(sl.module)}.{sl.name}: units own irregular index sets")
+                    ns = Slot(sl.module, sl.name, sl.axis, orig=torch.tensor(rows), axis_map=sl.axis_map)
+                    new[key] = ns
+                    roles[role].append(ns)
+        act = a.act_slot or b.act_slot
+        act = new.get((id(act.tensor), act.axis)) if act is not None else None
+        mods = list(a.modules) + [m for m in b.modules if all(m is not x for x in a.modules)]
+        return UnitGroup(name=a.name, producers=roles["producers"], consumers=roles["consumers"],
+                         norms=roles["norms"], act_slot=act, modules=mods)
 
     def head_group(self, m: nn.Module) -> UnitGroup | None:
         """The heads of an attention module whose output projection is inside it."""
