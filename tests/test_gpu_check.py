@@ -153,6 +153,28 @@ def test_stage_command_past_its_timeout_is_killed_with_its_children(tmp_path):
         shutil.rmtree(check.tmp, ignore_errors=True)
 
 
+def test_greedy_section_compares_kernel_orders_and_times_against_the_torch_greedy():
+    """The GPU branch of the greedy benchmark, with the CUDA kernel replaced by the torch greedy
+    itself (f64) and by a wrong order (f32): agreement, the first differing step, speed-ups."""
+    from secateur.gpucheck import bench
+    from secateur.pruning.projective import greedy
+
+    calls = []
+
+    def kernel(W, r, lam, dtype=None):
+        calls.append(dtype)
+        order = greedy(W, r, lam, mode="exact", redistribute=False).removed
+        return order if dtype is None else order.flip(0)
+
+    (row,) = bench.greedy_ops("cpu", [(12, 20, 5)], bench.Timer("cpu", 0.0), kernel)
+    assert row["same_order_f64"] is True and row["torch_cuda_same_order"] is True
+    assert row["same_prefix_f32"] == 0
+    assert row["torch_cpu"] > 0 and row["cuda_f64"] > 0 and row["speedup_f64_vs_torch_cpu"] > 0
+    assert "torch_cuda_error" not in row and {None, torch.float32} <= set(calls)
+    (skipped,) = bench.greedy_ops("cpu", [(12, 20, 5)], bench.Timer("cpu", 0.0))
+    assert "skipped" in skipped["cuda"] and "cuda_f64" not in skipped
+
+
 # ---- the wheel set (built from PyPI: network) ------------------------------------------------------
 @pytest.fixture(scope="module")
 def wheel_set(tmp_path_factory):
@@ -271,7 +293,7 @@ def test_dry_run_of_the_whole_command_passes(wheel_set, tmp_path):
     assert all(r["triton"]["GB/s"] > 0 and r["torch"]["GB/s"] > 0 for r in b["channel_ops"])
     assert {"triton", "torch_path", "matmul_ieee"} <= set(b["gram"][0])
     assert b["train_step_stats_overhead"][0]["stats_ms"] > 0
-    assert "skipped" in b["greedy"][0]["cuda"]
+    assert "skipped" in b["greedy"][0]["cuda"] and b["greedy"][0]["torch_cpu"] > 0
     assert b["secateur_bench_kernels"]["ops"]
     # training: DeepSpeed engine, three pruning events, step times before and after each
     t = res["train"]

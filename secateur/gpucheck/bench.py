@@ -239,11 +239,11 @@ def step_overhead(dev: str, models: list, timer: Timer, repeats: int) -> list[di
 CPU_GREEDY_MAX_N = 1024   # the torch greedy on the host is O(r n^2) memory traffic: ~2 s at n = 1024
 
 
-def greedy_ops(dev: str, cases: list[tuple], timer: Timer) -> list[dict]:
+def greedy_ops(dev: str, cases: list[tuple], timer: Timer, kernel: Callable | None = None) -> list[dict]:
     """The CUDA C kernel (f64 and f32 working copies) vs the torch greedy (`projective.greedy`,
     exact, no redistribution: the kernel's removal order). The torch greedy is timed once on the
     host (n <= CPU_GREEDY_MAX_N; it is the reference order) and, where it runs, on the device;
-    an error on the device is recorded, not raised."""
+    an error on the device is recorded, not raised. `kernel`: greedy_order_cuda (None: no GPU)."""
     from secateur.pruning.projective import greedy
 
     rows = []
@@ -257,15 +257,13 @@ def greedy_ops(dev: str, cases: list[tuple], timer: Timer) -> list[dict]:
             t0 = time.perf_counter()
             ref = greedy(W_cpu, r, lam, mode="exact", redistribute=False).removed.tolist()
             row["torch_cpu"] = (time.perf_counter() - t0) * 1e3
-        if dev != "cuda":
+        if kernel is None:
             row["cuda"] = "skipped: the CUDA C kernel needs a CUDA GPU"
             rows.append(row)
             continue
-        from secateur.kernels.cuda.greedy_projective import greedy_order_cuda
-
         W = W_cpu.to(dev)
-        fns = {"cuda_f64": lambda: greedy_order_cuda(W, r, lam),
-               "cuda_f32": lambda: greedy_order_cuda(W, r, lam, dtype=torch.float32)}
+        fns = {"cuda_f64": lambda: kernel(W, r, lam),
+               "cuda_f32": lambda: kernel(W, r, lam, dtype=torch.float32)}
         try:
             on_dev = greedy(W, r, lam, mode="exact", redistribute=False).removed.tolist()
             ref = ref if ref is not None else on_dev
@@ -273,8 +271,8 @@ def greedy_ops(dev: str, cases: list[tuple], timer: Timer) -> list[dict]:
             fns["torch_cuda"] = lambda: greedy(W, r, lam, mode="exact", redistribute=False)
         except Exception as err:       # a finding to report, not a reason to stop
             row["torch_cuda_error"] = f"{type(err).__name__}: {err}"[:300]
-        order64 = greedy_order_cuda(W, r, lam).tolist()
-        order32 = greedy_order_cuda(W, r, lam, dtype=torch.float32).tolist()
+        order64 = kernel(W, r, lam).tolist()
+        order32 = kernel(W, r, lam, dtype=torch.float32).tolist()
         # f64 against the torch order (None: no torch reference ran); f32: steps that agree with it
         # (or with the f64 kernel) before the first difference, of r
         row["same_order_f64"] = None if ref is None else order64 == ref
@@ -328,7 +326,7 @@ def run(out: Path, small: bool) -> int:
                                             sh["repeats"], (res.get("copy") or {}).get("GB/s") or 0.0)),
         ("gram", lambda: gram_ops(dev, sh["gram"], timer, sh["repeats"])),
         ("train_step_stats_overhead", lambda: step_overhead(dev, STEP_MODELS[mode], timer, sh["repeats"])),
-        ("greedy", lambda: greedy_ops(dev, sh["greedy"], timer)),
+        ("greedy", lambda: greedy_ops(dev, sh["greedy"], timer, _greedy_kernel(dev))),
         ("secateur_bench_kernels", lambda: _standard(small)),
     ]
     for name, fn in sections:
@@ -344,6 +342,14 @@ def run(out: Path, small: bool) -> int:
             torch.cuda.empty_cache()
         save()
     return 1 if res["errors"] else 0
+
+
+def _greedy_kernel(dev: str) -> Callable | None:
+    if dev != "cuda":
+        return None
+    from secateur.kernels.cuda.greedy_projective import greedy_order_cuda
+
+    return greedy_order_cuda
 
 
 def _standard(small: bool) -> dict:
