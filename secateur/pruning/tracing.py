@@ -444,15 +444,19 @@ class _Tracer:
         that own a common index become one unit; a merge that leaves irregular units leaves both
         groups unpruned with a warning."""
         while True:
-            owner: dict[tuple[int, int], int] = {}
+            owner: dict[tuple[int, int, int], int] = {}
             pair = None
             for gi, g in enumerate(groups):
                 for sl in g.producers + g.consumers + g.norms:
-                    key = (id(sl.tensor), sl.axis)
-                    if owner.get(key, gi) != gi:
-                        pair = (owner[key], gi)
+                    idx = sl.orig.reshape(-1).tolist() if sl.orig is not None else [-1]
+                    for i in idx:     # the same index of the same tensor axis in two groups
+                        key = (id(sl.tensor), sl.axis, i)
+                        if owner.get(key, gi) != gi:
+                            pair = (owner[key], gi)
+                            break
+                        owner[key] = gi
+                    if pair:
                         break
-                    owner[key] = gi
                 if pair:
                     break
             if pair is None:

@@ -1,0 +1,172 @@
+"""The model zoo, side by side with Torch-Pruning: which models each tool prunes and then trains.
+
+For every torchvision classification model under 60M parameters (random init, 10 classes) and a
+set of tiny-config Hugging Face models, each tool prunes 30% of every prunable group by L2
+magnitude through its generic path, then the model takes one AdamW training step. A model counts
+as pruned-and-trainable when the prune and the step succeed, the logits keep their shape and the
+parameter count dropped. Both tools see the same fresh model, input, criterion and ratio.
+
+    python benchmarks/zoo.py --out benchmarks/results/zoo     # zoo.json + zoo.md
+    python benchmarks/zoo.py --only resnet18,bert             # a subset
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+MAX_PARAMS = 60e6
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def torchvision_zoo() -> dict[str, tuple[Callable[[], nn.Module], Any]]:
+    import torchvision
+    M = torchvision.models
+    zoo = {}
+    for name in M.list_models(module=M):
+        side = 299 if "inception" in name else 224 if any(k in name for k in ("vit_", "swin", "maxvit")) else 64
+        zoo[name] = (lambda n=name: M.get_model(n, weights=None, num_classes=10),
+                     torch.randn(2, 3, side, side))
+    return zoo
+
+
+def hf_zoo() -> dict[str, tuple[Callable[[], nn.Module], Any]]:
+    import transformers as T
+
+    def cfg(c: Any) -> Any:
+        c._attn_implementation, c.use_cache = "eager", False
+        return c
+
+    ids = torch.randint(3, 50, (2, 8))
+    img = torch.randn(2, 3, 32, 32)
+    lm = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    enc = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=32, max_position_embeddings=20)
+    return {
+        "hf/bert": (lambda: T.BertForSequenceClassification(cfg(T.BertConfig(**enc, num_labels=3))), ids),
+        "hf/roberta": (lambda: T.RobertaForMaskedLM(cfg(T.RobertaConfig(**enc))), ids),
+        "hf/gpt2": (lambda: T.GPT2LMHeadModel(cfg(T.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=4,
+                                                              n_positions=16))), ids),
+        "hf/llama": (lambda: T.LlamaForCausalLM(cfg(T.LlamaConfig(**lm))), ids),
+        "hf/qwen2": (lambda: T.Qwen2ForCausalLM(cfg(T.Qwen2Config(**lm))), ids),
+        "hf/mistral": (lambda: T.MistralForCausalLM(cfg(T.MistralConfig(**lm, head_dim=4))), ids),
+        "hf/vit": (lambda: T.ViTForImageClassification(cfg(T.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=32, num_labels=3))), img),
+        "hf/convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3,
+            image_size=32)), img),
+        "hf/mobilenet_v2": (lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=3)), img),
+    }
+
+
+def prune_secateur(model: nn.Module, x: Any, opt: torch.optim.Optimizer) -> None:
+    from secateur.pruning import Pruner, Rule
+    Pruner(model, "l2", Rule("ratio", 0.3), example_input=x).prune(opt)
+
+
+def prune_tp(model: nn.Module, x: Any, opt: torch.optim.Optimizer) -> None:
+    import torch_pruning as tp
+    with torch.no_grad():
+        out = _logits(model(x))
+    head = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == out.shape[-1]]
+    pr = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                              pruning_ratio=0.3, ignored_layers=head)
+    pr.step()
+
+
+def run_one(tool: Callable, make: Callable[[], nn.Module], x: Any) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = make().train()
+    n0 = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        shape0 = tuple(_logits(model(x)).shape)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tool(model, x, opt)
+            dt = time.perf_counter() - t
+            opt = torch.optim.AdamW(model.parameters(), 1e-3) if tool is prune_tp else opt
+            out = _logits(model(x))
+            out.float().pow(2).mean().backward()
+            opt.step()
+        except Exception as e:  # noqa: BLE001 - the table records every failure
+            return {"ok": False, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:160]}",
+                    "params": n0}
+    n1 = sum(p.numel() for p in model.parameters())
+    ok = tuple(out.shape) == shape0 and n1 < n0
+    return {"ok": ok, "error": None if ok else f"logits {shape0}->{tuple(out.shape)}, params {n0}->{n1}",
+            "params": n0, "left": n1 / n0, "prune_s": dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo"))
+    ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--no-tp", action="store_true", help="secateur only")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    zoo = {**torchvision_zoo(), **hf_zoo()}
+    if args.only:
+        zoo = {k: v for k, v in zoo.items() if k in set(args.only.split(","))}
+    rows = []
+    for name, (make, x) in zoo.items():
+        try:
+            n = sum(p.numel() for p in make().parameters())
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: cannot build ({e})", file=sys.stderr)
+            continue
+        if n > MAX_PARAMS:
+            continue
+        row = {"model": name, "params": n, "secateur": run_one(prune_secateur, make, x)}
+        if not args.no_tp:
+            row["torch_pruning"] = run_one(prune_tp, make, x)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} thread",
+            "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    tools = [t for t in ("secateur", "torch_pruning") if all(t in r for r in rows)]
+    lines = [f"# Model zoo: prune 30% (L2), then one training step\n",
+             f"{meta['date']}, {meta['machine']}, torch {meta['torch']}; `{meta['command']}`\n"]
+    for t in tools:
+        ok = sum(r[t]["ok"] for r in rows)
+        lines.append(f"- {t}: {ok} of {len(rows)} pruned and trainable")
+    lines.append("\n| model | params | " + " | ".join(f"{t} (left, prune s)" for t in tools) + " |")
+    lines.append("|---|---:|" + "---|" * len(tools))
+    for r in rows:
+        cells = []
+        for t in tools:
+            c = r[t]
+            cells.append(f"ok {c['left']:.0%}, {c['prune_s']:.2f}" if c["ok"] else f"FAIL: {c['error'][:90]}")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
