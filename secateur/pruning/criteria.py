@@ -186,7 +186,8 @@ class ProjectiveCriterion(Criterion):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
 
     def _rows(self, group: UnitGroup) -> Tensor:
-        return group.producer_rows().double()
+        # float64 on the host: the greedy's index bookkeeping and scales live there
+        return group.producer_rows().double().cpu()
 
     def importance(self, group: UnitGroup) -> Tensor:
         from secateur.pruning import projective
