@@ -24,58 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from secateur.zoo import hf_zoo, logits as _logits, torchvision_zoo
+
 MAX_PARAMS = 60e6
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
-def torchvision_zoo() -> dict[str, tuple[Callable[[], nn.Module], Any]]:
-    import torchvision
-    M = torchvision.models
-    zoo = {}
-    for name in M.list_models(module=M):
-        side = 299 if "inception" in name else 224 if any(k in name for k in ("vit_", "swin", "maxvit")) else 64
-        zoo[name] = (lambda n=name: M.get_model(n, weights=None, num_classes=10),
-                     torch.randn(2, 3, side, side))
-    return zoo
-
-
-def hf_zoo() -> dict[str, tuple[Callable[[], nn.Module], Any]]:
-    import transformers as T
-
-    def cfg(c: Any) -> Any:
-        c._attn_implementation, c.use_cache = "eager", False
-        return c
-
-    ids = torch.randint(3, 50, (2, 8))
-    img = torch.randn(2, 3, 32, 32)
-    lm = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-    enc = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=32, max_position_embeddings=20)
-    return {
-        "hf/bert": (lambda: T.BertForSequenceClassification(cfg(T.BertConfig(**enc, num_labels=3))), ids),
-        "hf/roberta": (lambda: T.RobertaForMaskedLM(cfg(T.RobertaConfig(**enc))), ids),
-        "hf/gpt2": (lambda: T.GPT2LMHeadModel(cfg(T.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=4,
-                                                              n_positions=16))), ids),
-        "hf/llama": (lambda: T.LlamaForCausalLM(cfg(T.LlamaConfig(**lm))), ids),
-        "hf/qwen2": (lambda: T.Qwen2ForCausalLM(cfg(T.Qwen2Config(**lm))), ids),
-        "hf/mistral": (lambda: T.MistralForCausalLM(cfg(T.MistralConfig(**lm, head_dim=4))), ids),
-        "hf/vit": (lambda: T.ViTForImageClassification(cfg(T.ViTConfig(
-            image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=32, num_labels=3))), img),
-        "hf/convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
-            num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3,
-            image_size=32)), img),
-        "hf/mobilenet_v2": (lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
-            num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=3)), img),
-    }
 
 
 def prune_secateur(model: nn.Module, x: Any, opt: torch.optim.Optimizer) -> None:

@@ -64,11 +64,23 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return None
 
 
-def _opaque_forward(m: nn.Module):
+def _detached(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detached(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    return obj
+
+
+def _opaque_forward(m: nn.Module, calls: dict | None = None):
     orig = m.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         out = orig(*args, **kwargs)
+        if calls is not None and m not in calls:      # one real call, replayed by the trials
+            calls[m] = (_detached(args), _detached(kwargs))
         x = _first_tensor(args, kwargs)
         first = out[0] if isinstance(out, (tuple, list)) else out
         if x is None or not isinstance(first, Tensor) or not x.requires_grad:
@@ -205,7 +217,6 @@ class _Tracer:
                     patched.append(m)
                 continue
             if kind.attention is not None:
-                spec = kind.attention
                 self.attn.append(m)
                 patched.append(m)
                 special[type(m)] = _tp_pruner(False, lambda l: _layer_width(l, "out"),
@@ -254,8 +265,9 @@ class _Tracer:
         rng = torch.get_rng_state()
         leaves = [m for m in model.modules() if not list(m.children())]
         hooks = [m.register_forward_hook(record) for m in leaves]
+        self.calls: dict[nn.Module, tuple] = {}
         for m in patched:
-            m.forward = _opaque_forward(m)
+            m.forward = _opaque_forward(m, self.calls if m in self.attn else None)
         torch.nn.functional.glu = glu_as_chunks
         try:
             with torch.enable_grad():
@@ -263,9 +275,10 @@ class _Tracer:
                     model, example_inputs=self.example_input, forward_fn=forward_fn,
                     customized_pruners=special, verbose=False)
             roots = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding) + tuple(special)
-            tp_groups = list(graph.get_all_groups(root_module_types=roots))
+            tp_groups = self.all_groups(graph, roots)
             self.output_fns = set(outputs)
             self.by_grad_fn = by_grad_fn
+            self.attn_ok = {m: _attention_trials(m, self.calls.get(m)) for m in self.attn}
             groups = [g for g in (self.convert(graph, tg) for tg in tp_groups) if g is not None]
             groups += [g for g in (self.head_group(m) for m in self.attn) if g is not None]
             groups = self.merge_shared(groups)
@@ -283,10 +296,53 @@ class _Tracer:
                         v.copy_(buffers[k])
             torch.set_rng_state(rng)
             # release the traced autograd graph now (Torch-Pruning's nodes form reference cycles)
-            graph = tp_groups = outputs = by_grad_fn = None
+            graph = tp_groups = outputs = by_grad_fn = self.calls = None
             self.output_fns = self.by_grad_fn = None
             gc.collect()
         return groups
+
+    def all_groups(self, graph: Any, roots: tuple) -> list:
+        """Torch-Pruning's groups, one per root layer's output (as its get_all_groups), each search
+        bounded: on some block-partition reshapes (MaxViT) its index propagation grows without
+        end; such a group is left unpruned with a warning instead of hanging."""
+        from torch_pruning.dependency.group import Group
+        add_dep = Group.add_dep
+        budget = {"entries": 0}
+
+        def bounded(group: Any, dep: Any, idxs: Any) -> Any:
+            budget["entries"] += len(idxs)
+            if budget["entries"] > budget["limit"]:
+                raise _Refused("the dependency search exceeded its budget "
+                               f"({budget['limit']:,} index entries)")
+            return add_dep(group, dep, idxs)
+
+        out, visited = [], set()
+        Group.add_dep = bounded
+        try:
+            for m in list(graph.module2node):
+                if not isinstance(m, roots) or m in visited or id(m) in self.ignored:
+                    continue
+                pr = graph.get_pruner_of_module(m)
+                n = pr.get_out_channels(m) if pr is not None else None
+                if not n:
+                    continue
+                # a group visits each node about once with at most the root's channels (times a
+                # reshape's block); 4x that bound, deterministic, so every rank decides alike
+                budget["entries"] = 0
+                budget["limit"] = max(1_000_000, 4 * len(graph.module2node) * n)
+                try:
+                    g = graph.get_pruning_group(m, pr.prune_out_channels, list(range(n)))
+                except _Refused as e:
+                    visited.add(m)
+                    self.warn(f"pruning: group of {self.name(m)!r} left unpruned: {e}")
+                    continue
+                for dep, _ in g:
+                    if graph.is_out_channel_pruning_fn(dep.handler):
+                        visited.add(dep.target.module)
+                out.append(g)
+        finally:
+            Group.add_dep = add_dep
+        return out
 
     # ---- conversion ---------------------------------------------------------------------------
     def convert(self, graph: Any, tg: Any) -> UnitGroup | None:
@@ -339,6 +395,9 @@ class _Tracer:
             side = "out" if out_side else "in"
             if kind.attention is not None:
                 spec = kind.attention
+                why = self.attn_ok[mod].get("heads" if side == "out" and spec.o is None else side)
+                if why:
+                    raise _Refused(f"{self.name(mod)} ({type(mod).__name__}): {why}")
                 if side == "out" and spec.o is None:
                     if spec.n_heads != spec.n_kv_heads:
                         raise _Refused(f"{self.name(mod)}: grouped-query attention with its output "
@@ -517,6 +576,10 @@ class _Tracer:
         spec = attention_spec(m)
         if spec is None or spec.o is None:
             return None
+        if self.attn_ok[m].get("heads"):
+            self.warn(f"pruning: heads of {self.name(m)!r} ({type(m).__name__}) left unpruned: "
+                      f"{self.attn_ok[m]['heads']}")
+            return None
         producers, consumers = [], []
         for child, name, axis, table in spec.head_slots():
             sub = spec.proj(child)
@@ -526,6 +589,77 @@ class _Tracer:
         mods = [m] + [spec.proj(c) for c in {s[0] for s in spec.head_slots()}]
         return UnitGroup(name=self.name(m), producers=producers, consumers=consumers,
                          act_slot=_act_slot(consumers), modules=mods)
+
+
+def _attention_trials(m: nn.Module, call: tuple | None) -> dict[str, str | None]:
+    """Whether `m`'s forward still works with one head fewer ("heads"), one input channel fewer
+    ("in") and one output channel fewer ("out"): each cut is made on a copy of the module and its
+    recorded call replayed. {side: None if it works, else the reason}. An attention module whose
+    forward ties its inner width to its input (nn.MultiheadAttention-like reshapes) or keeps
+    per-head tables the registry does not know fails here, before any real cut."""
+    import copy
+
+    from secateur.pruning.surgery import keep_units
+    if call is None:
+        return {k: "it was not called in the traced forward" for k in ("heads", "in", "out")}
+    args, kwargs = call
+    with torch.no_grad():
+        ref = type(m).forward(m, *args, **kwargs)
+    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    out: dict[str, str | None] = {}
+
+    def attempt(side: str) -> str | None:
+        c = copy.deepcopy(m)
+        c.__dict__.pop("forward", None)       # the copy runs its own forward, not the traced one
+        spec = attention_spec(c)
+        a, kw = args, kwargs
+        want = list(ref.shape)
+        if side == "heads":
+            if spec.n_kv_heads < 2:
+                return "it has a single key/value head"
+            if spec.o is not None:
+                slots = [Slot(spec.proj(ch), n, ax, orig=t) for ch, n, ax, t in spec.head_slots()]
+            else:
+                table = spec.context_units()
+                slots = [Slot(*_resolve(c, d), ax, orig=table) for d, ax in spec.out_axes()
+                         if getattr(*_resolve(c, d)) is not None]
+                want[-1] -= table.shape[1]
+            keep_units(UnitGroup("trial", producers=slots, modules=[c] + list(c.children())),
+                       torch.arange(spec.n_kv_heads - 1))
+        else:
+            axes = spec.in_axes() if side == "in" else spec.out_axes()
+            for d, ax in axes:
+                owner, name = _resolve(c, d)
+                t = getattr(owner, name, None)
+                if t is not None:
+                    t.data = t.data.narrow(ax, 1, t.shape[ax] - 1).clone()
+            for ch in c.children():
+                kind = layer_kind(ch)
+                if not isinstance(kind, str):
+                    kind.sync(ch)
+            if side == "in":
+                x = _first_tensor(args, kwargs)
+                x2 = x[..., 1:]
+                a = tuple(x2 if t is x else t for t in args)
+                kw = {k: (x2 if v is x else v) for k, v in kwargs.items()}
+            else:
+                want[-1] -= 1
+        try:
+            with torch.no_grad():
+                y = c(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - any failure means the cut is unsafe
+            return f"its forward fails after the cut ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        if list(y.shape) != want:
+            return f"its output has shape {tuple(y.shape)} after the cut, expected {tuple(want)}"
+        return None
+
+    for side in ("heads", "in", "out"):
+        spec = attention_spec(m)
+        if side == "out" and spec.o is None:
+            continue
+        out[side] = attempt(side)
+    return out
 
 
 _TP_KNOWN = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.PReLU,
