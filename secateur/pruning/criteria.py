@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.kernels import TSRA, channel_sq_sum
-from secateur.pruning.groups import UnitGroup
+from secateur.pruning.groups import Slot, UnitGroup
 from secateur.pruning.surgery import keep_units, merge_units, rescale_units
 
 
@@ -186,8 +186,10 @@ class ProjectiveCriterion(Criterion):
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
 
     def _rows(self, group: UnitGroup) -> Tensor:
-        # float64 on the host: the greedy's index bookkeeping and scales live there
-        return group.producer_rows().double().cpu()
+        # float64 on the host: the greedy's index bookkeeping and scales live there; attention
+        # heads are compared on their joint query-key rows
+        rows = group.qk_rows() if group.qk else group.producer_rows()
+        return rows.double().cpu()
 
     def importance(self, group: UnitGroup) -> Tensor:
         from secateur.pruning import projective
@@ -213,7 +215,7 @@ class ProjectiveCriterion(Criterion):
                                         redistribute=self.redistribute)
                 chosen.append(idx[res.keep])
                 w_s[idx], b_s[idx], v_s[idx] = res.w_scale, res.b_scale, res.v_scale
-        if self.redistribute:
+        if self.redistribute and not group.qk:    # (rescaled q and k rows would square in the logits)
             rescale_units(group, w_s, b_s, v_s, optimizer)
         keep_units(group, torch.cat(chosen), optimizer)
 
@@ -394,16 +396,19 @@ class FoldCriterion(Criterion):
         to 0 / 1 collapsed a trained network to chance). Without a norm the gain scales the merged
         unit's producer weights and bias (the same pre-activation, for a homogeneous activation
         such as ReLU)."""
-        if group.norms:
-            for s in group.norms:
-                if s.name == "weight":
-                    s.tensor.mul_(gain.to(s.tensor.dtype).to(s.tensor.device))
-            return
-        for s in group.producers:
-            t = s.tensor
-            shape = [1] * t.dim()
-            shape[s.axis] = -1
-            t.mul_(gain.repeat_interleave(s.block).to(t.dtype).to(t.device).reshape(shape))
+        norms = [s for s in group.norms if s.name == "weight" and s.tensor.dim() == 1]
+        for s in norms or [s for s in group.producers]:
+            _scale_units(s, gain)
+
+
+def _scale_units(slot: Slot, gain: Tensor) -> None:
+    """Multiply each unit's entries of the slot's tensor by gain[unit] (in place)."""
+    t = slot.tensor
+    v = torch.ones(t.shape[slot.axis], dtype=torch.float64)
+    v[slot.table().reshape(-1)] = gain.double().repeat_interleave(slot.per_unit)
+    shape = [1] * t.dim()
+    shape[slot.axis] = -1
+    t.mul_(v.to(t.dtype).to(t.device).reshape(shape))
 
 
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (

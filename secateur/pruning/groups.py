@@ -78,12 +78,14 @@ class Slot:
             return units
         return self.table()[units].reshape(-1)
 
-    def unit_view(self, t: Tensor | None = None) -> Tensor:
-        """(units, per_unit * rest): the entries of `t` (default: the tensor) each unit owns."""
+    def unit_view(self, t: Tensor | None = None, first: int | None = None) -> Tensor:
+        """(units, per_unit * rest): the entries of `t` (default: the tensor) each unit owns
+        (only the first `first` indices of each unit when given)."""
         t = self.tensor.detach() if t is None else t
         x = t.movedim(self.axis, 0)
-        if self.orig is not None:
-            x = x[self.table().reshape(-1).to(x.device)]
+        if self.orig is not None or first is not None:
+            table = self.table() if first is None else self.table()[:, :first]
+            x = x[table.reshape(-1).to(x.device)]
         return x.reshape(self.units, -1)
 
     def drop(self, removed: Tensor, keep: Tensor) -> Tensor:
@@ -114,6 +116,8 @@ class UnitGroup:
     # `activation` when act_slot is None; `modules` are every module whose size attributes follow
     act_slot: Slot | None = None
     modules: list[nn.Module] = field(default_factory=list)
+    # attention heads: (slot, n) whose first n indices per unit are the unit's query and key rows
+    qk: list[tuple[Slot, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.producers:
@@ -188,6 +192,11 @@ class UnitGroup:
         slots = self.producers + [s for s in self.norms if isinstance(s.tensor, torch.nn.Parameter)] \
             + self.consumers
         return torch.cat([s.unit_view() for s in slots], 1)
+
+    def qk_rows(self) -> Tensor:
+        """(heads, p): each head unit's query and key weight rows, flattened (the joint query-key
+        rows of METHODS C.4, taken per whole head)."""
+        return torch.cat([s.unit_view(first=n) for s, n in self.qk], 1)
 
     def producer_weight_rows(self) -> Tensor:
         """(n, p): the producers' weight tensors only (no biases), flattened per unit."""

@@ -269,11 +269,23 @@ class _Tracer:
         for m in patched:
             m.forward = _opaque_forward(m, self.calls if m in self.attn else None)
         torch.nn.functional.glu = glu_as_chunks
+        from torch_pruning.dependency import index_mapping
+        reshape_mapping = index_mapping.update_reshape_index_mapping
+        self.unmapped: set[int] = set()
+
+        def guarded_reshape_mapping(graph: Any, node: Any) -> Any:
+            try:
+                return reshape_mapping(graph, node)
+            except Exception:  # noqa: BLE001 - a reshape it cannot map: its groups stay unpruned
+                self.unmapped.add(id(node))
+
+        index_mapping.update_reshape_index_mapping = guarded_reshape_mapping
         try:
             with torch.enable_grad():
                 graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=self.example_input, forward_fn=forward_fn,
                     customized_pruners=special, verbose=False)
+            self.unmapped |= _channel_shuffles(graph)
             roots = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding) + tuple(special)
             tp_groups = self.all_groups(graph, roots)
             self.output_fns = set(outputs)
@@ -284,6 +296,7 @@ class _Tracer:
             groups = self.merge_shared(groups)
         finally:
             torch.nn.functional.glu = glu
+            index_mapping.update_reshape_index_mapping = reshape_mapping
             for h in hooks:
                 h.remove()
             for m in patched:
@@ -332,9 +345,11 @@ class _Tracer:
                 budget["limit"] = max(1_000_000, 4 * len(graph.module2node) * n)
                 try:
                     g = graph.get_pruning_group(m, pr.prune_out_channels, list(range(n)))
-                except _Refused as e:
+                except Exception as e:  # noqa: BLE001 - its index mapping failed on this group
                     visited.add(m)
-                    self.warn(f"pruning: group of {self.name(m)!r} left unpruned: {e}")
+                    why = e if isinstance(e, _Refused) else \
+                        f"Torch-Pruning's index mapping failed ({type(e).__name__}: {e})"
+                    self.warn(f"pruning: group of {self.name(m)!r} left unpruned: {why}")
                     continue
                 for dep, _ in g:
                     if graph.is_out_channel_pruning_fn(dep.handler):
@@ -366,6 +381,9 @@ class _Tracer:
         for dep, pairs in _complete(tg).items():
             idxs, roots = [p[0] for p in pairs], [p[1] for p in pairs]
             node, mod = dep.target, dep.target.module
+            if id(node) in self.unmapped:
+                raise _Refused("it passes a reshape that permutes channels (a channel shuffle) or "
+                               "that Torch-Pruning cannot map")
             out_side = graph.is_out_channel_pruning_fn(dep.handler)
             if isinstance(mod, ops._OutputOp):
                 raise _Refused("")                       # reaches the model's output
@@ -580,15 +598,41 @@ class _Tracer:
             self.warn(f"pruning: heads of {self.name(m)!r} ({type(m).__name__}) left unpruned: "
                       f"{self.attn_ok[m]['heads']}")
             return None
-        producers, consumers = [], []
+        producers, consumers, qk = [], [], []
         for child, name, axis, table in spec.head_slots():
             sub = spec.proj(child)
             t = getattr(sub, name)
             slot = Slot(sub, name, axis, orig=table, axis_map=self.axis_map(t, axis))
             (consumers if child == spec.o else producers).append(slot)
+            if name == "weight" and child == spec.qkv:       # fused rows per unit: [q | k | v]
+                qk.append((slot, table.shape[1] - spec.head_dim))
+            elif name == "weight" and child in (spec.q, spec.k):
+                qk.append((slot, table.shape[1]))
         mods = [m] + [spec.proj(c) for c in {s[0] for s in spec.head_slots()}]
         return UnitGroup(name=self.name(m), producers=producers, consumers=consumers,
-                         act_slot=_act_slot(consumers), modules=mods)
+                         act_slot=_act_slot(consumers), modules=mods, qk=qk)
+
+
+def _channel_shuffles(graph: Any) -> set[int]:
+    """ids of reshape nodes in a split-transpose-merge pattern (ShuffleNet's channel shuffle): the
+    reshapes look like flattens to Torch-Pruning and the transpose like an element-wise op, so the
+    permutation of channels would be missed."""
+    from torch_pruning import ops
+    found: set[int] = set()
+
+    def is_swap(node: Any) -> bool:
+        name = node.grad_fn.name() if node.grad_fn is not None and hasattr(node.grad_fn, "name") else ""
+        return "Transpose" in name or "Permute" in name
+
+    for node in graph.module2node.values():
+        if node.type != ops.OPTYPE.RESHAPE:
+            continue
+        for mid in node.outputs:
+            if is_swap(mid):
+                for after in mid.outputs:
+                    if after.type == ops.OPTYPE.RESHAPE:
+                        found |= {id(node), id(mid), id(after)}
+    return found
 
 
 def _attention_trials(m: nn.Module, call: tuple | None) -> dict[str, str | None]:
