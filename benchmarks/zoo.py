@@ -27,6 +27,8 @@ from torch import nn
 from secateur.zoo import hf_zoo, logits as _logits, torchvision_zoo
 
 MAX_PARAMS = 60e6
+TIME_LIMIT = 300                  # seconds per model and tool
+MEMORY_LIMIT = 8 * 2 ** 30        # bytes of address space per model and tool
 
 
 def prune_secateur(model: nn.Module, x: Any, opt: torch.optim.Optimizer) -> None:
@@ -70,6 +72,33 @@ def run_one(tool: Callable, make: Callable[[], nn.Module], x: Any) -> dict[str, 
             "params": n0, "left": n1 / n0, "prune_s": dt}
 
 
+def _child(conn: Any, tool_name: str, model: str) -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    torch.set_num_threads(1)
+    make, x = {**torchvision_zoo(), **hf_zoo()}[model]
+    try:
+        conn.send(run_one({"secateur": prune_secateur, "torch_pruning": prune_tp}[tool_name], make, x))
+    except BaseException as e:  # noqa: BLE001 - MemoryError included
+        conn.send({"ok": False, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+
+
+def isolated(tool_name: str, model: str) -> dict[str, Any]:
+    """run_one in a child process with a time and memory limit (a tool's search may not end)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(send, tool_name, model))
+    p.start()
+    if recv.poll(TIME_LIMIT):
+        out = recv.recv()
+    else:
+        out = {"ok": False, "error": f"no result within {TIME_LIMIT} s"}
+    p.kill()
+    p.join()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/zoo"))
@@ -77,7 +106,7 @@ def main() -> None:
     ap.add_argument("--no-tp", action="store_true", help="secateur only")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    zoo = {**torchvision_zoo(), **hf_zoo()}
+    zoo = {**torchvision_zoo(max_params=MAX_PARAMS), **hf_zoo()}
     if args.only:
         zoo = {k: v for k, v in zoo.items() if k in set(args.only.split(","))}
     rows = []
@@ -89,9 +118,9 @@ def main() -> None:
             continue
         if n > MAX_PARAMS:
             continue
-        row = {"model": name, "params": n, "secateur": run_one(prune_secateur, make, x)}
+        row = {"model": name, "params": n, "secateur": isolated("secateur", name)}
         if not args.no_tp:
-            row["torch_pruning"] = run_one(prune_tp, make, x)
+            row["torch_pruning"] = isolated("torch_pruning", name)
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
