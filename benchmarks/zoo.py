@@ -27,6 +27,7 @@ from torch import nn
 from secateur.zoo import hf_zoo, logits as _logits, torchvision_zoo
 
 MAX_PARAMS = 60e6
+MARKER = "<!-- discussion: text below this line is kept when the script rewrites the file -->\n"
 TIME_LIMIT = 300                  # seconds per model and tool
 MEMORY_LIMIT = 8 * 2 ** 30        # bytes of address space per model and tool
 
@@ -127,7 +128,9 @@ def main() -> None:
     meta = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} thread",
             "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(meta, rows))
+    md = args.out.with_suffix(".md")
+    kept = md.read_text().split(MARKER, 1)[1] if md.exists() and MARKER in md.read_text() else "\n"
+    md.write_text(markdown(meta, rows) + "\n" + MARKER + kept)
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
