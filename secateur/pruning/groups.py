@@ -205,7 +205,7 @@ class UnitGroup:
 
 
 def build_groups(model: nn.Module, example_input: Any = None,
-                 ignored_layers: Sequence[nn.Module] = ()) -> list[UnitGroup]:
+                 ignored_layers: Sequence[nn.Module] = (), verify: bool = True) -> list[UnitGroup]:
     """The model's unit groups: its own `unit_groups()` when it declares them, else traced with
     Torch-Pruning's DependencyGraph (needs `example_input`). Wrappers (DDP, DataParallel, a
     DeepSpeed engine) are looked through."""
@@ -217,4 +217,4 @@ def build_groups(model: nn.Module, example_input: Any = None,
                 if not any(id(s.module) in ignored for s in g.producers)]
     if example_input is None:
         raise ValueError("example_input: needed to trace a model that does not declare unit_groups()")
-    return trace_groups(inner, example_input, ignored_layers)
+    return trace_groups(inner, example_input, ignored_layers, verify=verify)

@@ -51,13 +51,16 @@ class Pruner:
     keyword inputs). `layers`: prune only the groups with these names; `ignored_layers`: modules (or
     module names) whose outputs keep their size, as in Torch-Pruning; `round_to`: every cut width
     (channels of the group's first producer) stays a multiple of this (whole heads for attention).
-    Layers whose outputs reach the model's outputs never change size."""
+    Layers whose outputs reach the model's outputs never change size. `verify` (traced models):
+    every group's cut is first tried on a copy of the model with the example input, and groups
+    whose cut would break the forward stay unpruned with a warning (costs one model copy per
+    trial; turn off for models too large to copy)."""
 
     def __init__(self, model: nn.Module, criterion: str = "l2", rule: Rule | None = None,
                  schedule: Schedule | None = None, min_units: int = 1,
                  example_input: Any = None, layers: Sequence[str] | None = None,
                  ignored_layers: Sequence[Any] = (), round_to: int | None = None,
-                 **criterion_args: Any) -> None:
+                 verify: bool = True, **criterion_args: Any) -> None:
         from secateur.pruning.tracing import unwrap
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
@@ -72,7 +75,7 @@ class Pruner:
         self.min_units = int(min_units)
         self.round_to = round_to
         ignored = _resolve_layers(model, ignored_layers)
-        self.groups: list[UnitGroup] = build_groups(model, example_input, ignored)
+        self.groups: list[UnitGroup] = build_groups(model, example_input, ignored, verify=verify)
         if layers is not None:      # prune only these groups (e.g. the classifier)
             unknown = sorted(set(layers) - {g.name for g in self.groups})
             if unknown:

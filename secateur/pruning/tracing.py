@@ -741,9 +741,78 @@ def act_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
 
 
+def _call(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, (tuple, list)):
+        return model(*x)
+    return model(x)
+
+
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    import torch_pruning as tp
+    return [tuple(o.shape) for o in tp.utils.flatten_as_list(out) if isinstance(o, Tensor)]
+
+
+def verify_groups(model: nn.Module, groups: list[UnitGroup], example_input: Any,
+                  warn: Any = None) -> list[UnitGroup]:
+    """The groups whose cut leaves a working model: on a copy of the model, one unit of every
+    group is removed and the example input replayed; the outputs must keep their shapes. A failing
+    set is bisected to the groups at fault, which are dropped with a warning (a layout the tracer
+    misread - a reshape or permutation it cannot see - never reaches the real model). Costs a copy
+    of the model per trial; pass `verify=False` to the Pruner to skip it."""
+    import copy
+
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        want = _shapes(_call(model, example_input))
+
+    def works(subset: list[int]) -> str | None:
+        m2, gs = copy.deepcopy((model, [groups[i] for i in subset]))
+        try:
+            from secateur.pruning.surgery import keep_units
+            with torch.no_grad():
+                for g in gs:
+                    if g.size > 1:
+                        keep_units(g, torch.arange(1, g.size))
+                got = _shapes(_call(m2, example_input))
+        except Exception as e:  # noqa: BLE001 - any failure means the cut is unsafe
+            return f"the model's forward fails after the cut ({type(e).__name__}: {' '.join(str(e).split())[:100]})"
+        return None if got == want else f"the outputs change shape after the cut ({want} -> {got})"
+
+    bad: dict[int, str] = {}
+
+    def bisect(subset: list[int]) -> None:
+        why = works(subset)
+        if why is None:
+            return
+        if len(subset) == 1:
+            bad[subset[0]] = why
+            return
+        half = len(subset) // 2
+        bisect(subset[:half])
+        bisect(subset[half:])
+        if not any(i in bad for i in subset):      # only the combination fails: keep none of it
+            bad.update({i: why for i in subset})
+
+    try:
+        bisect(list(range(len(groups))))
+    finally:
+        torch.set_rng_state(rng)
+    for i, why in bad.items():
+        msg = f"pruning: group of {groups[i].name!r} left unpruned: {why}"
+        warn(msg) if warn is not None else warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return [g for i, g in enumerate(groups) if i not in bad]
+
+
 def trace_groups(model: nn.Module, example_input: Any,
-                 ignored_layers: Sequence[nn.Module] = ()) -> list[UnitGroup]:
+                 ignored_layers: Sequence[nn.Module] = (), verify: bool = True) -> list[UnitGroup]:
     """One UnitGroup per prunable coupled unit axis of `model` (outputs, `ignored_layers` and
     modules the registry cannot handle excluded; see the module docstring). `example_input`: a
-    tensor, a tuple of positional inputs or a dict of keyword inputs for one forward pass."""
-    return _Tracer(unwrap(model), example_input, ignored_layers).trace()
+    tensor, a tuple of positional inputs or a dict of keyword inputs for one forward pass.
+    `verify`: try every cut on a copy first (see `verify_groups`)."""
+    tracer = _Tracer(unwrap(model), example_input, ignored_layers)
+    groups = tracer.trace()
+    if verify and groups:
+        groups = verify_groups(unwrap(model), groups, example_input, tracer.warn)
+    return groups
