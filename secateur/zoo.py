@@ -38,6 +38,22 @@ def torchvision_zoo(max_params: float | None = None) -> Zoo:
     return zoo
 
 
+TIMM_MODELS = ("vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto", "efficientnet_b0",
+               "mobilenetv3_small_100", "regnetx_002", "resnext26ts", "levit_128s", "mixer_s16_224")
+
+
+def timm_zoo() -> Zoo:
+    """Small timm models (ViT/DeiT with fused qkv and LayerScale-free blocks, ConvNeXt, EfficientNet,
+    MobileNetV3, RegNet and ResNeXt with grouped convolutions, LeViT, MLP-Mixer), 10 classes."""
+    import timm
+    zoo = {}
+    for name in TIMM_MODELS:
+        side = 224 if any(k in name for k in ("vit", "deit", "levit", "mixer")) else 64
+        zoo[f"timm/{name}"] = (lambda n=name: timm.create_model(n, pretrained=False, num_classes=10),
+                               torch.randn(2, 3, side, side))
+    return zoo
+
+
 def hf_zoo() -> Zoo:
     """BERT, RoBERTa, GPT-2, LLaMA (GQA), Qwen2, Mistral, ViT, ConvNeXt and MobileNetV2 at tiny
     widths (eager attention, no cache)."""

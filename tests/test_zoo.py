@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from secateur.pruning import Pruner, Rule
-from secateur.zoo import hf_zoo, logits, torchvision_zoo
+from secateur.zoo import hf_zoo, logits, timm_zoo, torchvision_zoo
 
 TV = torchvision_zoo(max_params=60e6)
 HF = hf_zoo()
+TIMM = timm_zoo()
 
 
 def _attributes_match_tensors(model: nn.Module) -> None:
@@ -59,6 +60,12 @@ def _prune_and_step(make, x) -> float:
 @pytest.mark.parametrize("name", sorted(TV))
 def test_torchvision_model_prunes_then_trains(name):
     make, x = TV[name]
+    _prune_and_step(make, x)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_model_prunes_then_trains(name):
+    make, x = TIMM[name]
     _prune_and_step(make, x)
 
 
