@@ -645,24 +645,44 @@ class _MHABlock(nn.Module):
         return self.head(h)
 
 
-def test_multihead_attention_is_left_unpruned_with_a_warning_while_its_mlp_prunes():
+def test_multihead_attention_loses_a_silent_head_whole_and_still_trains():
+    from secateur.pruning.mha import PrunedMultiheadAttention
     torch.manual_seed(0)
     model, x = _MHABlock().eval(), torch.randn(2, 4, 5)
+    mha = model.mha                                  # 2 heads of 4; in_proj rows [q | k | v]
     with torch.no_grad():
-        model.fc1.weight[[2, 9, 10]] *= 1e-3
-        model.fc2.weight[:, [2, 9, 10]] = 0
+        mha.out_proj.weight[:, 4:8] = 0              # head 1 is silent ...
+        for part in range(3):                        # ... and its q/k/v rows are the smallest
+            mha.in_proj_weight[part * 8 + 4:part * 8 + 8] *= 1e-3
         before = _run(model, x)
-    pruner, msgs = _recorded(lambda: _pruner(model, x, 0.25))
-    assert any("mha" in m and "MultiheadAttention" in m for m in msgs), msgs
-    mha_params = {id(p) for p in model.mha.parameters()}
-    assert not any(id(s.tensor) in mha_params for g in pruner.groups
-                   for s in g.producers + g.consumers + g.norms)
-    name = _groups_producing(pruner, model.fc1)[0].name
-    pruner.close()
-    _recorded(lambda: _pruner(model, x, 0.25, layers=[name]).prune())    # warns again about mha
-    assert model.fc1.out_features == 9 and model.fc2.in_features == 9
-    assert model.mha.in_proj_weight.shape == (24, 8) and model.mha.out_proj.weight.shape == (8, 8)
+    assert "mha" in [g.name for g in _pruner(model, x, 0.5).groups]      # the heads' group
+    _pruner(model, x, 0.5, layers=["mha"]).prune()
+    assert type(mha) is PrunedMultiheadAttention and mha.num_heads == 1 and mha.head_dim == 4
+    assert mha.in_proj_weight.shape == (12, 8) and mha.out_proj.weight.shape == (8, 4)
     _assert_same(_run(model, x), before)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    model.train()
+    model(x).pow(2).mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruned_multihead_attention_forward_equals_torch_before_any_cut(batch_first):
+    from secateur.pruning.mha import PrunedMultiheadAttention
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    q = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[0, -1] = True
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    for kw in ({}, {"key_padding_mask": pad}, {"attn_mask": causal}, {"average_attn_weights": False}):
+        with torch.no_grad():
+            ref = m(q, q, q, **kw)
+            m.__class__ = PrunedMultiheadAttention
+            got = m(q, q, q, **kw)
+            m.__class__ = nn.MultiheadAttention
+        torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
 
 
 # ---- 5. the hidden (residual) dimension ---------------------------------------------------------

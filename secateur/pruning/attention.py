@@ -82,11 +82,24 @@ class AttentionSpec:
         return self._ref()
 
     def proj(self, name: str) -> nn.Module:
-        return getattr(self.module, name)
+        return self.module if name == "" else getattr(self.module, name)
+
+    def _fused(self) -> tuple[str, str, int]:
+        """(weight name, bias name, output axis) of the fused q/k/v tensor; nn.MultiheadAttention
+        keeps it on the module itself (qkv == "") as in_proj_weight / in_proj_bias."""
+        if self.qkv == "":
+            return "in_proj_weight", "in_proj_bias", 0
+        return "weight", "bias", _out_axis(self.proj(self.qkv))
+
+    def _prefix(self, child: str, name: str) -> str:
+        return f"{child}.{name}" if child else name
 
     @property
     def q_width(self) -> int:
-        return _width(self.proj(self.q)) if self.qkv is None else _width(self.proj(self.qkv)) // 3
+        if self.qkv is None:
+            return _width(self.proj(self.q))
+        w, _, ax = self._fused()
+        return getattr(self.proj(self.qkv), w).shape[ax] // 3
 
     @property
     def kv_width(self) -> int:
@@ -103,8 +116,10 @@ class AttentionSpec:
     # ---- axes seen from outside the module (the tracer's in/out sides) ------------------------
     def in_axes(self) -> list[tuple[str, int]]:
         """Tensors that read the module's input (hidden) channels."""
-        names = [self.qkv] if self.qkv else [self.q, self.k, self.v]
-        return [(f"{n}.weight", 1 - _out_axis(self.proj(n))) for n in names]
+        if self.qkv is not None:
+            w, _, ax = self._fused()
+            return [(self._prefix(self.qkv, w), 1 - ax)]
+        return [(f"{n}.weight", 1 - _out_axis(self.proj(n))) for n in (self.q, self.k, self.v)]
 
     def out_axes(self) -> list[tuple[str, int]]:
         """Tensors that produce the module's output channels: the output projection's rows, or
@@ -112,9 +127,11 @@ class AttentionSpec:
         if self.o is not None:
             o = self.proj(self.o)
             return [(f"{self.o}.weight", _out_axis(o)), (f"{self.o}.bias", 0)]
-        names = [self.qkv] if self.qkv else [self.q, self.k, self.v]
+        if self.qkv is not None:
+            w, b, ax = self._fused()
+            return [(self._prefix(self.qkv, w), ax), (self._prefix(self.qkv, b), 0)]
         return [(f"{n}.{t}", _out_axis(self.proj(n)) if t == "weight" else 0)
-                for n in names for t in ("weight", "bias")]
+                for n in (self.q, self.k, self.v) for t in ("weight", "bias")]
 
     # ---- the head units ---------------------------------------------------------------------------
     def head_slots(self) -> list[tuple[str, str, int, Tensor]]:
@@ -127,10 +144,10 @@ class AttentionSpec:
         kv_idx = torch.arange(nkv * hd).reshape(nkv, hd)
         out = []
         if self.qkv is not None:
-            p = self.proj(self.qkv)
+            w, b, ax = self._fused()
             d = nq * hd
             fused = torch.cat([q_idx, kv_idx + d, kv_idx + 2 * d], 1)
-            out += [(self.qkv, "weight", _out_axis(p), fused), (self.qkv, "bias", 0, fused)]
+            out += [(self.qkv, w, ax, fused), (self.qkv, b, 0, fused)]
         else:
             for n, idx in ((self.q, q_idx), (self.k, kv_idx), (self.v, kv_idx)):
                 p = self.proj(n)
@@ -149,6 +166,9 @@ class AttentionSpec:
     def sync(self, m: nn.Module | None = None) -> None:
         """Set the module's head-count and width attributes from its weights."""
         m = self.module
+        if isinstance(m, nn.MultiheadAttention):
+            _sync_mha(m, self)
+            return
         old = (self._heads0, self._kv0, self._w0)
         nq, nkv, w = self.n_heads, self.n_kv_heads, self.q_width
         for names, before, now in ((_HEADS, old[0], nq), (_KV_HEADS, old[1], nkv), (_WIDTH, old[2], w)):
@@ -162,6 +182,18 @@ class AttentionSpec:
         self._heads0, self._kv0, self._w0 = self.n_heads, self.n_kv_heads, self.q_width
 
 
+def _sync_mha(m: nn.MultiheadAttention, spec: AttentionSpec) -> None:
+    """nn.MultiheadAttention after a cut: heads from the fused rows, embed_dim (= kdim = vdim) from
+    the output projection; its own forward requires num_heads * head_dim == embed_dim, so a cut
+    module runs secateur's equivalent forward (same parameters and state_dict keys)."""
+    from secateur.pruning.mha import PrunedMultiheadAttention
+    m.num_heads = spec.n_heads
+    e = m.out_proj.weight.shape[0]
+    m.embed_dim = m.kdim = m.vdim = e
+    if type(m) is nn.MultiheadAttention:
+        m.__class__ = PrunedMultiheadAttention
+
+
 _SPECS: "weakref.WeakKeyDictionary[nn.Module, AttentionSpec]" = weakref.WeakKeyDictionary()
 
 
@@ -169,6 +201,12 @@ def attention_spec(m: nn.Module) -> AttentionSpec | None:
     """The module's AttentionSpec, or None when it does not look like attention."""
     if m in _SPECS:
         return _SPECS[m]
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            return None
+        spec = AttentionSpec(weakref.ref(m), m.head_dim, qkv="", o="out_proj")
+        _SPECS[m] = spec
+        return spec
     q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
     qkv = None if (q and k and v) else _child(m, _QKV)
     if not (q and k and v) and qkv is None:

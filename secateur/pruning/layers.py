@@ -157,9 +157,9 @@ def layer_kind(m: nn.Module) -> LayerKind | str:
                          sync=lambda mm: _set_attrs(mm, num_parameters=mm.weight.numel()))
     if isinstance(m, nn.Embedding):
         return LayerKind([("weight", 1)], [], sync=lambda mm: _set_attrs(mm, embedding_dim=mm.weight.shape[1]))
-    if isinstance(m, nn.MultiheadAttention):
-        return ("nn.MultiheadAttention ties its inner width to embed_dim (its forward checks "
-                "embed_dim == num_heads * head_dim against the input), so neither its heads nor its input width can be cut")
+    if isinstance(m, nn.MultiheadAttention) and attention_spec(m) is None:
+        return ("nn.MultiheadAttention with separate key/value widths, bias_k/bias_v or "
+                "add_zero_attn is left untouched")
     spec = attention_spec(m)
     if spec is not None:
         return LayerKind(spec.out_axes(), spec.in_axes(), role="layer", sync=spec.sync, attention=spec)

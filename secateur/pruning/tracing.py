@@ -64,13 +64,16 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return None
 
 
-def _detached(obj: Any) -> Any:
+def _detached(obj: Any, memo: dict | None = None) -> Any:
+    """`obj` with every tensor detached; one tensor passed twice (self-attention's query, key and
+    value) stays one object."""
+    memo = {} if memo is None else memo
     if isinstance(obj, Tensor):
-        return obj.detach()
+        return memo.setdefault(id(obj), obj.detach())
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_detached(o) for o in obj)
+        return type(obj)(_detached(o, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: _detached(v) for k, v in obj.items()}
+        return {k: _detached(v, memo) for k, v in obj.items()}
     return obj
 
 
@@ -80,7 +83,8 @@ def _opaque_forward(m: nn.Module, calls: dict | None = None):
     def forward(*args: Any, **kwargs: Any) -> Any:
         out = orig(*args, **kwargs)
         if calls is not None and m not in calls:      # one real call, replayed by the trials
-            calls[m] = (_detached(args), _detached(kwargs))
+            memo: dict = {}
+            calls[m] = (_detached(args, memo), _detached(kwargs, memo))
         x = _first_tensor(args, kwargs)
         first = out[0] if isinstance(out, (tuple, list)) else out
         if x is None or not isinstance(first, Tensor) or not x.requires_grad:
@@ -677,7 +681,7 @@ def _attention_trials(m: nn.Module, call: tuple | None) -> dict[str, str | None]
                 t = getattr(owner, name, None)
                 if t is not None:
                     t.data = t.data.narrow(ax, 1, t.shape[ax] - 1).clone()
-            for ch in c.children():
+            for ch in [c] + list(c.children()):
                 kind = layer_kind(ch)
                 if not isinstance(kind, str):
                     kind.sync(ch)
