@@ -106,3 +106,36 @@ def test_folding_merges_whole_heads_the_mean_of_their_rows():
     # columns the sum of both units' columns (METHODS B: mean of producers, sum of consumers)
     torch.testing.assert_close(at.q_proj.weight, (q[:8] + q[8:]) / 2)
     torch.testing.assert_close(at.o_proj.weight, o[:, :8] + o[:, 8:])
+
+
+def test_llama_with_its_key_value_cache_on_still_prunes_heads():
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)     # use_cache=True
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(cfg), torch.randint(0, 50, (2, 6))
+    pruner = Pruner(model, "l2", Rule("ratio", 0.5), example_input=ids)
+    assert "model.layers.0.self_attn" in [g.name for g in pruner.groups]
+    pruner.prune()
+    assert model.model.layers[0].self_attn.k_proj.out_features == 4
+    assert logits(model(ids)).shape == (2, 6, 50)
+
+
+def test_group_names_are_unique_and_every_group_is_cut():
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=50, dim=16, n_layers=2, n_heads=4, hidden_dim=32, max_position_embeddings=16)).train()
+    pruner = Pruner(model, "l2", Rule("ratio", 0.3), example_input=torch.randint(0, 50, (2, 6)))
+    names = [g.name for g in pruner.groups]
+    assert len(names) == len(set(names))
+    report = pruner.prune()
+    assert len(report) == len(names) and all(after < before for _, before, after in report)
+
+
+def test_round_to_wider_than_a_group_leaves_the_rule_alone_and_cuts_every_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3))
+    Pruner(model, "l2", Rule("ratio", 0.3), example_input=torch.randn(2, 4), round_to=32).prune()
+    assert model[0].out_features == 12 and model[2].out_features == 32     # 16: rule alone; 64 -> 45 -> 32
+    assert model(torch.randn(2, 4)).shape == (2, 3)

@@ -31,6 +31,8 @@ def _num_classes(model: nn.Module) -> int:
 def _resolve_layers(model: nn.Module, layers: Sequence[Any]) -> list[nn.Module]:
     """Modules given as modules or as names from `model.named_modules()`."""
     named = dict(model.named_modules())
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
     out = []
     for item in layers:
         if isinstance(item, nn.Module):
@@ -38,7 +40,8 @@ def _resolve_layers(model: nn.Module, layers: Sequence[Any]) -> list[nn.Module]:
         elif isinstance(item, str) and item in named:
             out.append(named[item])
         else:
-            raise ValueError(f"ignored_layers: {item!r} is neither a module nor a module name of the model")
+            what = repr(item) if isinstance(item, str) else type(item).__name__
+            raise ValueError(f"ignored_layers: {what} is neither a module nor a module name of the model")
     return out
 
 
@@ -174,10 +177,12 @@ class Pruner:
     def _rounded(self, g: UnitGroup, keep: Tensor, score: Tensor) -> Tensor:
         """`keep` grown or shrunk (by score) to the nearest width that is a multiple of round_to."""
         import math
-        per = g.producers[0].per_unit
-        step = self.round_to // math.gcd(self.round_to, per)       # units per round_to channels
-        if g.size % step and keep.numel() == g.size:
-            return keep
+        step = 1                 # units per step, so every slot's width is a multiple of round_to
+        for s in g.producers + g.consumers + g.norms:
+            need = self.round_to // math.gcd(self.round_to, s.per_unit)
+            step = step * need // math.gcd(step, need)
+        if g.size < step or (g.size % step and keep.numel() == g.size):
+            return keep          # the group is narrower than one step: the rule decides alone
         want = max(step, int(round(keep.numel() / step)) * step)
         want = min(want, g.size - g.size % step)
         order = torch.sort(score, descending=True, stable=True).indices

@@ -651,8 +651,15 @@ def _attention_trials(m: nn.Module, call: tuple | None) -> dict[str, str | None]
     if call is None:
         return {k: "it was not called in the traced forward" for k in ("heads", "in", "out")}
     args, kwargs = call
-    with torch.no_grad():
-        ref = type(m).forward(m, *args, **kwargs)
+    # a key/value cache recorded in the trace was filled by that call: replay without it
+    kwargs = {k: (None if "cache" in type(v).__name__.lower() else v) for k, v in kwargs.items()}
+    args = tuple(None if "cache" in type(a).__name__.lower() else a for a in args)
+    try:
+        with torch.no_grad():
+            ref = type(m).forward(m, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        why = f"its recorded call cannot be replayed ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        return {k: why for k in ("heads", "in", "out")}
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
     out: dict[str, str | None] = {}
 
@@ -696,7 +703,7 @@ def _attention_trials(m: nn.Module, call: tuple | None) -> dict[str, str | None]
             with torch.no_grad():
                 y = c(*a, **kw)
         except Exception as e:  # noqa: BLE001 - any failure means the cut is unsafe
-            return f"its forward fails after the cut ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
+            return f"its forward fails after the cut ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
         y = y[0] if isinstance(y, (tuple, list)) else y
         if list(y.shape) != want:
             return f"its output has shape {tuple(y.shape)} after the cut, expected {tuple(want)}"
@@ -817,6 +824,13 @@ def trace_groups(model: nn.Module, example_input: Any,
     `verify`: try every cut on a copy first (see `verify_groups`)."""
     tracer = _Tracer(unwrap(model), example_input, ignored_layers)
     groups = tracer.trace()
+    seen: dict[str, int] = {}
+    for g in groups:            # a residual group rooted at an attention module shares its name
+        if g.name in seen:
+            seen[g.name] += 1
+            g.name = f"{g.name}#{seen[g.name]}"
+        else:
+            seen[g.name] = 1
     if verify and groups:
         groups = verify_groups(unwrap(model), groups, example_input, tracer.warn)
     return groups
