@@ -41,7 +41,11 @@ def prune_tp(model: nn.Module, x: Any, opt: torch.optim.Optimizer) -> None:
     import torch_pruning as tp
     with torch.no_grad():
         out = _logits(model(x))
-    head = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == out.shape[-1]]
+    # Torch-Pruning's users name the classifier in ignored_layers: every layer that produces
+    # the class axis (a Linear head, or SqueezeNet's final convolution)
+    classes = out.shape[-1]
+    head = [m for m in model.modules() if (isinstance(m, nn.Linear) and m.out_features == classes)
+            or (isinstance(m, nn.Conv2d) and m.out_channels == classes)]
     pr = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
                               pruning_ratio=0.3, ignored_layers=head)
     pr.step()
