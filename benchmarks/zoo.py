@@ -139,7 +139,7 @@ def main() -> None:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     tools = [t for t in ("secateur", "torch_pruning") if all(t in r for r in rows)]
-    lines = [f"# Model zoo: prune 30% (L2), then one training step\n",
+    lines = ["# Model zoo: prune 30% (L2), then one training step\n",
              f"{meta['date']}, {meta['machine']}, torch {meta['torch']}; `{meta['command']}`\n"]
     for t in tools:
         ok = sum(r[t]["ok"] for r in rows)

@@ -18,7 +18,7 @@ def _net() -> nn.Module:
 
 
 def test_deepspeed_engine_is_traced_through_and_its_rebuild_trains():
-    info = init_distributed()
+    init_distributed()
     try:
         model, x = _net(), torch.randn(4, 3, 6, 6)
         eng = Engine(model, lambda m: torch.optim.AdamW(m.parameters(), 1e-2),

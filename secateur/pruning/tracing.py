@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from secateur.kernels import TSRA
 from secateur.pruning.attention import attention_spec
 from secateur.pruning.groups import AxisMap, Slot, UnitGroup
-from secateur.pruning.layers import LayerKind, channelwise, layer_kind
+from secateur.pruning.layers import channelwise, layer_kind
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -102,15 +102,13 @@ def _tp_pruner(coupled: bool, width_out, width_in):
     """A Torch-Pruning layer pruner that only reports widths (secateur's surgery does the cut)."""
     import torch_pruning as tp
 
+    def _never(self: Any, layer: nn.Module, idxs: Any) -> None:
+        raise RuntimeError("secateur cuts through its own surgery")
+
     class _Widths(tp.pruner.function.BasePruningFunc):
-        def prune_out_channels(self, layer, idxs):  # noqa: D401 - never called
-            raise RuntimeError("secateur cuts through its own surgery")
-
-        def prune_in_channels(self, layer, idxs):
-            raise RuntimeError("secateur cuts through its own surgery")
-
-        if coupled:
-            prune_in_channels = prune_out_channels
+        # the graph links in and out channels when both are one function (norms, pass-through)
+        prune_out_channels = _never
+        prune_in_channels = _never if coupled else (lambda self, layer, idxs: _never(self, layer, idxs))
 
         def get_out_channels(self, layer):
             return width_out(layer)
@@ -208,7 +206,6 @@ class _Tracer:
     # ---- the trace ----------------------------------------------------------------------------
     def trace(self) -> list[UnitGroup]:
         import torch_pruning as tp
-        from torch_pruning import ops
 
         model = self.model
         special: dict[type, Any] = {}
@@ -365,7 +362,6 @@ class _Tracer:
 
     # ---- conversion ---------------------------------------------------------------------------
     def convert(self, graph: Any, tg: Any) -> UnitGroup | None:
-        from torch_pruning import ops
         root_mod = tg.items[0].dep.target.module
         try:
             return self._convert(graph, tg)
