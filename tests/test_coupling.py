@@ -750,8 +750,6 @@ class _NormNet(nn.Module):
 
 @pytest.mark.parametrize("kind", ["layernorm", "torch_rmsnorm", "custom_rmsnorm"])
 def test_channel_mixing_norm_matches_a_hand_pruned_reference(kind):
-    if kind == "torch_rmsnorm" and not hasattr(nn, "RMSNorm"):
-        pytest.skip("torch without nn.RMSNorm")
     torch.manual_seed(0)
     model, x = _NormNet(_make_norm(kind, 8)).eval(), torch.randn(4, 5)
     with torch.no_grad():
