@@ -118,6 +118,9 @@ class UnitGroup:
     modules: list[nn.Module] = field(default_factory=list)
     # attention heads: (slot, n) whose first n indices per unit are the unit's query and key rows
     qk: list[tuple[Slot, int]] = field(default_factory=list)
+    # original index (at construction) of each current unit; the surgery keeps it up to date, so a
+    # pruned structure can be recorded and replayed on a freshly built model (`pruning.structure`)
+    origin: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.producers:
@@ -125,6 +128,8 @@ class UnitGroup:
         sizes = {s.units for s in self.producers + self.consumers + self.norms}
         if len(sizes) != 1:
             raise ValueError(f"group {self.name!r}: slots disagree on the number of units {sorted(sizes)}")
+        if self.origin is None:
+            self.origin = torch.arange(self.size)
 
     @property
     def size(self) -> int:
@@ -218,3 +223,24 @@ def build_groups(model: nn.Module, example_input: Any = None,
     if example_input is None:
         raise ValueError("example_input: needed to trace a model that does not declare unit_groups()")
     return trace_groups(inner, example_input, ignored_layers, verify=verify)
+
+
+UNIT_KINDS = ("channels", "heads", "mlp", "hidden")
+
+
+def unit_kind(group: UnitGroup) -> str:
+    """What a group's units are, in the words users pick them by (`Pruner(unit_kinds=...)`):
+    "heads" (attention heads), "channels" (produced by a convolution), "hidden" (a stream read
+    through embeddings or layer/RMS norms: a transformer's residual width), else "mlp" (neurons
+    between linear layers)."""
+    from secateur.pruning.layers import channelwise
+    if group.qk:
+        return "heads"
+    if any(isinstance(s.module, nn.modules.conv._ConvNd) for s in group.producers):
+        return "channels"
+    layer_norms = (nn.LayerNorm, nn.RMSNorm, nn.Embedding)
+    if any(isinstance(s.module, layer_norms) or (channelwise(s.module) and s.module.weight.dim() == 1
+                                                  and "norm" in type(s.module).__name__.lower())
+           for s in group.producers + group.consumers + group.norms):
+        return "hidden"
+    return "mlp"

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from secateur.pruning.criteria import CRITERIA, Criterion, make_criterion
-from secateur.pruning.groups import UnitGroup, build_groups
+from secateur.pruning.groups import UNIT_KINDS, UnitGroup, build_groups, unit_kind
 from secateur.pruning.rules import Rule, global_keep, keep_within
 from secateur.pruning.schedules import Schedule
 
@@ -57,13 +57,16 @@ class Pruner:
     Layers whose outputs reach the model's outputs never change size. `verify` (traced models):
     every group's cut is first tried on a copy of the model with the example input, and groups
     whose cut would break the forward stay unpruned with a warning (costs one model copy per
-    trial; turn off for models too large to copy)."""
+    trial; turn off for models too large to copy). `unit_kinds`: prune only groups of these kinds
+    ("channels", "heads", "mlp", "hidden"; see `groups.unit_kind`). Rule scope "uniform" decides per
+    layer, then gives every group of one kind and original width the same count (the mean)."""
 
     def __init__(self, model: nn.Module, criterion: str = "l2", rule: Rule | None = None,
                  schedule: Schedule | None = None, min_units: int = 1,
                  example_input: Any = None, layers: Sequence[str] | None = None,
                  ignored_layers: Sequence[Any] = (), round_to: int | None = None,
-                 verify: bool = True, **criterion_args: Any) -> None:
+                 verify: bool = True, unit_kinds: Sequence[str] | None = None,
+                 **criterion_args: Any) -> None:
         from secateur.pruning.tracing import unwrap
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
@@ -85,6 +88,11 @@ class Pruner:
                 raise ValueError(f"layers: no unit group named {unknown}; groups are "
                                  f"{[g.name for g in self.groups]}")
             self.groups = [g for g in self.groups if g.name in set(layers)]
+        if unit_kinds is not None:
+            bad = sorted(set(unit_kinds) - set(UNIT_KINDS))
+            if bad:
+                raise ValueError(f"unit_kinds: unknown kind(s) {bad}; choose from {list(UNIT_KINDS)}")
+            self.groups = [g for g in self.groups if unit_kind(g) in set(unit_kinds)]
         if not self.groups:
             raise ValueError("model: no prunable unit groups found")
         if criterion == "cosep" and "num_classes" not in criterion_args:
@@ -92,6 +100,7 @@ class Pruner:
         self.criterion_name = criterion
         self.criterion: Criterion = make_criterion(criterion, self.groups, **criterion_args)
         self.initial = {g.name: g.size for g in self.groups}
+        self.kinds = {g.name: unit_kind(g) for g in self.groups}
         self.events_done = 0
         self.step: int | None = None
 
@@ -157,6 +166,8 @@ class Pruner:
             for n, s in scores.items():
                 g = by_name[n]
                 keeps[n] = keep_within(s, g.subspaces(), self.rule, self._min_keep(g))
+        if self.rule.scope == "uniform":
+            keeps = self._uniform(keeps, scores, by_name)
         report = []
         for n, keep in keeps.items():
             g = by_name[n]
@@ -173,6 +184,23 @@ class Pruner:
         crit.reset()
         self.events_done += 1
         return report
+
+    def _uniform(self, keeps: dict[str, Tensor], scores: dict[str, Tensor],
+                 by_name: dict[str, UnitGroup]) -> dict[str, Tensor]:
+        """Every group of one kind and original width keeps the same number of units (the mean of
+        what the rule chose per group, rounded), each its own highest-scored ones."""
+        stacks: dict[tuple[str, int], list[str]] = {}
+        for n in keeps:
+            stacks.setdefault((self.kinds[n], self.initial[n]), []).append(n)
+        out = dict(keeps)
+        for names in stacks.values():
+            count = int(round(sum(len(keeps[n]) for n in names) / len(names)))
+            for n in names:
+                g = by_name[n]
+                k = max(1, min(count, g.size))
+                top = torch.sort(scores[n], descending=True, stable=True).indices[:k]
+                out[n] = top.sort().values
+        return out
 
     def _rounded(self, g: UnitGroup, keep: Tensor, score: Tensor) -> Tensor:
         """`keep` grown or shrunk (by score) to the nearest width that is a multiple of round_to."""

@@ -15,7 +15,9 @@ from torch import Tensor
 
 RATIO = "ratio"
 THRESHOLDS = ("prop_of_max", "prop_of_avg", "prop_of_med", "zscore")
-SCOPES = ("global", "per_layer", "per_subspace")
+# uniform: per layer, then every group of one kind and original width keeps the same count (the
+# layers of a stack stay alike, so a pruned Hugging Face model still fits its config class)
+SCOPES = ("global", "per_layer", "per_subspace", "uniform")
 
 
 @dataclass(frozen=True)

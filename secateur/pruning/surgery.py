@@ -117,6 +117,7 @@ def keep_units(group: UnitGroup, keep: Tensor, optimizer: torch.optim.Optimizer 
     if old_split is not None:
         for t in group.tsra:
             t.split = int((keep < old_split).sum())
+    group.origin = group.origin[keep]
     _sync_sizes(group)
 
 
@@ -170,6 +171,7 @@ def merge_units(group: UnitGroup, producer_map: Tensor, consumer_map: Tensor,
                 raise ValueError(f"split: must be in [0, {k}], got {split}")
             for t in group.tsra:
                 t.split = int(split)
+    group.origin = group.origin[kept]     # merged unit j sits where unit j's entries were
     _sync_sizes(group)
 
 
