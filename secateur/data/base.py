@@ -1,7 +1,8 @@
-"""In-memory datasets and the deterministic, shardable batch order used by the trainer."""
+"""The split protocol, in-memory datasets and the deterministic, shardable batch order."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, Union
 
 import numpy as np
 import torch
@@ -10,6 +11,24 @@ from torch import Tensor
 
 class DataError(ValueError):
     """A dataset is missing or malformed (reported as a one-line config error by the CLI)."""
+
+
+Inputs = Union[Tensor, "dict[str, Tensor]"]
+IGNORE_INDEX = -100  # targets equal to this are ignored by the loss
+
+
+class BatchSplit(Protocol):
+    """What the trainer needs of a split: its length and one batch as a pure function of (idx, seed).
+
+    batch(idx, seed): idx is a LongTensor (B,) of row numbers; seed drives every random choice of
+    that batch (augmentation, masking), None meaning none (evaluation). Returns (x, y): x a Tensor
+    or a dict of keyword inputs of a Hugging Face model, y a LongTensor whose IGNORE_INDEX entries
+    the loss skips.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batch(self, idx: Tensor, seed: int | None = None) -> tuple[Inputs, Tensor]: ...
 
 
 @dataclass
@@ -26,8 +45,8 @@ class Split:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows `idx` (LongTensor (B,)) of x and y."""
+    def batch(self, idx: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """Rows `idx` (LongTensor (B,)) of x and y; `seed` is accepted and ignored (no randomness)."""
         return self.x[idx], self.y[idx]
 
 
@@ -35,13 +54,15 @@ class Split:
 class Dataset:
     """A train/val pair plus what a model needs to know about it.
 
-    task: "classification" (logits (B, num_classes)) or "lm" (logits (B, T, num_classes)).
+    task: "classification" (logits (B, num_classes)), "lm" (next-token logits (B, T, num_classes))
+    or "mlm" (masked-token logits (B, T, num_classes)).
+    train / val: a `Split` in memory or any other `BatchSplit` (files decoded per batch).
     input_shape: shape of one x row; num_classes: classes or vocabulary size.
     """
 
     name: str
-    train: Split
-    val: Split
+    train: BatchSplit
+    val: BatchSplit
     num_classes: int
     input_shape: tuple[int, ...]
     task: str = "classification"
@@ -131,3 +152,18 @@ class ShardedOrder:
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Indices of an evaluation split that rank `rank` evaluates (strided, covers all n once)."""
     return range(rank, n, world_size)
+
+
+def holdout(n: int, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, val) row numbers: a seeded `fraction` of range(n) (at least one) is val.
+
+    Raises DataError when the fraction is outside (0, 1) or leaves no training row; `what` names
+    the data in that message.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"{what}: val_fraction must be in (0, 1), got {fraction}")
+    k = max(1, round(n * fraction))
+    if n - k < 1:
+        raise DataError(f"{what}: {n} items are too few to hold out a validation fraction of {fraction}")
+    perm = subset_indices(n, None, seed)
+    return np.sort(perm[k:]), np.sort(perm[:k])
