@@ -32,13 +32,15 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 install: $(VENV)/.installed
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (offline, MIT licence).
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (offline, MIT licence); the King
+# James Bible (public domain) from bible-kjv + bible-kjv-text.
 data:
-	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ ! -f /usr/lib/bible.data ]; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist \
+			bible-kjv bible-kjv-text >/dev/null; \
 	fi
-	@ls $(FMNIST_DIR)/train-images-idx3-ubyte.gz >/dev/null
+	@ls $(FMNIST_DIR)/train-images-idx3-ubyte.gz /usr/lib/bible.data >/dev/null
 
 # DeepSpeed JIT-builds its shm_comm op on the first init_distributed (~75 s); do it once here.
 $(CACHE)/.ds-warm: $(VENV)/.installed

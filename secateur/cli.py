@@ -1,4 +1,4 @@
-"""Command line: `secateur train|resume|prune|export|report|bench`.
+"""Command line: `secateur train|resume|prune|export|report|data|bench`.
 
 Launch `train` as one process, or one process per rank with `torchrun --nproc_per_node N` or
 `deepspeed --num_gpus N` (the launcher's --local_rank is accepted anywhere on the line). Bad
@@ -53,13 +53,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool) -> int:
+def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool, data=None) -> int:
     from secateur.trainer.engine import destroy_process_group, init_distributed, shutdown_distributed
     from secateur.trainer.loop import Trainer, format_summary
 
     info = init_distributed(local_rank)
     try:
-        trainer = Trainer(cfg, run_dir, info, resume=resume)
+        trainer = Trainer(cfg, run_dir, info, resume=resume, data=data)
         summary = trainer.train()
         trainer.close()
     except BaseException:
@@ -71,14 +71,25 @@ def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool) -> i
     return 0
 
 
+def _with_max_steps(cfg, max_steps: int | None):
+    """`--max-steps N`: train to step N instead of train.max_steps (validated like the file)."""
+    from secateur.trainer.config import ConfigError
+
+    if max_steps is None:
+        return cfg
+    if max_steps < 1:
+        raise ConfigError(f"--max-steps must be a positive number of steps, got {max_steps}")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": max_steps})})
+
+
 def cmd_train(args: argparse.Namespace, local_rank: int | None) -> int:
     from secateur.trainer.config import load_and_check
+    from secateur.trainer.setup import preflight
 
-    cfg = load_and_check(args.config)
-    if args.max_steps is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.max_steps})})
+    cfg = _with_max_steps(load_and_check(args.config, args.set or []), args.max_steps)
+    data = preflight(cfg, args.config)        # the model runs on the data, before any file is touched
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    return _run_training(cfg, out, local_rank, resume=False)
+    return _run_training(cfg, out, local_rank, resume=False, data=data)
 
 
 def cmd_resume(args: argparse.Namespace, local_rank: int | None) -> int:
@@ -87,10 +98,21 @@ def cmd_resume(args: argparse.Namespace, local_rank: int | None) -> int:
 
     run_dir = Path(args.run_dir)
     ckpt.latest(run_dir)                          # fail early, with one line, if nothing to resume
-    cfg = load_and_check(run_dir / "config.yaml")
-    if args.max_steps is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": args.max_steps})})
+    cfg = _with_max_steps(load_and_check(run_dir / "config.yaml", args.set or []), args.max_steps)
     return _run_training(cfg, run_dir, local_rank, resume=True)
+
+
+def cmd_data(args: argparse.Namespace, local_rank: int | None) -> int:
+    from secateur.data import writers
+
+    if args.what == "fashion-mnist-png":
+        counts = writers.write_fashion_mnist_png(args.out, train_limit=args.train_limit,
+                                                 val_limit=args.val_limit)
+    else:
+        counts = writers.write_kjv(args.out)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                            for k, v in counts.items()))
+    return 0
 
 
 def cmd_prune(args: argparse.Namespace, local_rank: int | None) -> int:
@@ -123,8 +145,10 @@ def cmd_prune(args: argparse.Namespace, local_rank: int | None) -> int:
 def cmd_export(args: argparse.Namespace, local_rank: int | None) -> int:
     from secateur.trainer.export import export_run
 
-    out = export_run(args.run_dir, args.out)
-    print(f"exported {out}/model.json and {out}/model.safetensors; load with:\n")
+    out, note = export_run(args.run_dir, args.out)
+    print(f"exported {out}/secateur.json and {out}/model.safetensors"
+          + (f" (no Hugging Face folder: {note})" if note else
+             f", and {out}/hf for from_pretrained" if (out / "hf").is_dir() else "") + "; load with:\n")
     print(LOAD_SNIPPET.format(dir=out))
     return 0
 
@@ -155,13 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="run config (YAML)")
     t.add_argument("--out", help="run directory (default runs/<config name>); a fresh run "
                                  "replaces what an earlier run wrote there")
-    t.add_argument("--max-steps", type=int, help="override train.max_steps")
+    t.add_argument("--max-steps", type=int, help="train to this step (checks use the file's max_steps)")
+    t.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override one config key for this run (YAML value, repeatable), e.g. "
+                        "--set optimizer.lr=3e-4 --set pruning.rule.ratio=0.2; recorded in the "
+                        "run's config.yaml")
     t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     r.add_argument("run_dir")
     r.add_argument("--max-steps", type=int, help="train to this step instead (e.g. to fine-tune "
                                                  "a `secateur prune` result)")
+    r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                   help="override a key of the run's config (e.g. train.eval_interval=50)")
     r.set_defaults(func=cmd_resume)
 
     pr = sub.add_parser("prune", help="one-shot prune or fold a run's latest checkpoint")
@@ -182,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write architecture JSON + safetensors weights",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Export the latest checkpoint of RUN_DIR as OUT/model.json (the "
-                                   "architecture, pruned widths included) and OUT/model.safetensors."
+                       description="Export the latest checkpoint of RUN_DIR as OUT/secateur.json (the "
+                                   "architecture, pruned widths included) and OUT/model.safetensors; "
+                                   "Hugging Face models whose widths fit their config also as OUT/hf "
+                                   "(save_pretrained)."
                                    "\n\nLoad it anywhere secateur is installed:\n\n"
                                    + LOAD_SNIPPET.format(dir="OUT"))
     e.add_argument("run_dir")
@@ -193,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="plots (PNG) and report.md of a run")
     rp.add_argument("run_dir")
     rp.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("data", help="write real offline data as files: Fashion-MNIST as PNG "
+                                    "image folders, the KJV Bible as text/jsonl")
+    d.add_argument("what", choices=["fashion-mnist-png", "kjv"])
+    d.add_argument("out", help="new folder (must not exist or be empty)")
+    d.add_argument("--train-limit", type=int, help="fashion-mnist-png: images kept per split")
+    d.add_argument("--val-limit", type=int)
+    d.set_defaults(func=cmd_data)
 
     b = sub.add_parser("bench", help="benchmarks: `secateur bench kernels [ARGS...]`")
     b.add_argument("suite", choices=["kernels"])

@@ -52,7 +52,7 @@ def test_export_round_trip_reproduces_the_trained_models_outputs(trained, tmp_pa
 def test_export_help_documents_the_load_snippet(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
-    assert "build_model(json.load(open(" in capsys.readouterr().out
+    assert "secateur.load_pruned(\"OUT\")" in capsys.readouterr().out
 
 
 def test_report_writes_pngs_and_a_summary_matching_the_logs(trained, capsys):

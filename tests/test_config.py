@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from secateur.cli import main
-from secateur.trainer.config import load_and_check
+from secateur.trainer.config import load_config, load_and_check
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -106,7 +106,11 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+# these read files that `secateur data` writes: they run, on such files, in tests/test_byo.py
+WRITTEN_DATA = {"llama_kjv.yaml", "minilm_kjv.yaml", "mobilenet_fmnist.yaml"}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
-    cfg = load_and_check(path)
+    cfg = load_config(path) if path.name in WRITTEN_DATA else load_and_check(path)
     assert cfg.train.max_steps > 0

@@ -80,12 +80,28 @@ def subset_indices(n: int, k: int | None, seed: int) -> np.ndarray:
     return perm if k is None else perm[:k]
 
 
-def take(split: Split, k: int | None, seed: int) -> Split:
+class Rows:
+    """Rows `idx` of a split that is not held in memory (an image folder): batch(i) reads row
+    idx[i] of the underlying split."""
+
+    def __init__(self, split: "BatchSplit", idx: Tensor) -> None:
+        self.split, self.idx = split, idx
+
+    def __len__(self) -> int:
+        return int(self.idx.numel())
+
+    def batch(self, idx: Tensor, seed: int | None = None):
+        return self.split.batch(self.idx[idx], seed)
+
+
+def take(split: "BatchSplit", k: int | None, seed: int) -> "BatchSplit":
     """A deterministic random subset of `k` rows of `split` (sorted, so the order is the file's)."""
     if k is None:
         return split
     idx = torch.from_numpy(np.sort(subset_indices(len(split), k, seed)))
-    return Split(split.x[idx], split.y[idx])
+    if isinstance(split, Split) and not isinstance(split.x, dict):
+        return Split(split.x[idx], split.y[idx])
+    return Rows(split, idx)
 
 
 def standardize(train: Tensor, *others: Tensor) -> list[Tensor]:

@@ -9,6 +9,8 @@ Layout of RUN_DIR/checkpoints/:
         deepspeed/         DeepSpeed's own checkpoint of model + optimizer (engine.save_checkpoint)
         model.safetensors  weights only, instead of deepspeed/, for checkpoints written without an
                            engine (`secateur prune`)
+        example_input.safetensors  the batch the model's groups are traced with (models that are
+                           not secateur's own: meta holds their `source` and pruned `structure`)
     latest                 name of the newest complete checkpoint, written last
 
 Writing goes to `.tmp-step_XXXXXXXX/` first; every file is fsynced, the folder is renamed to its
@@ -187,19 +189,26 @@ def model_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load_model(ckpt: Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model with the checkpoint's architecture and weights, meta) from a checkpoint folder."""
-    from secateur.models import build_model
+    from secateur.trainer.export import EXAMPLE_FILE, load_example, rebuild
 
     meta = read_meta(ckpt)
-    model = build_model(meta["spec"])
+    example = load_example(Path(ckpt) / EXAMPLE_FILE) if (Path(ckpt) / EXAMPLE_FILE).is_file() else None
+    model, _ = rebuild(meta, example)
     model.load_state_dict(model_state_dict(ckpt))
     return model, meta
 
 
-def write_weights_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """A complete checkpoint holding weights only (model.safetensors), written atomically."""
+def write_weights_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: dict[str, Any],
+                             example: Any = None) -> Path:
+    """A complete checkpoint holding weights only (model.safetensors) and, when given, the example
+    batch its groups are traced with; written atomically."""
     from safetensors.torch import save_file
 
     tmp = begin(run_dir, step)
+    if example is not None:
+        from secateur.trainer.export import EXAMPLE_FILE, save_example
+
+        save_example(example, tmp / EXAMPLE_FILE)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "model.safetensors"))
     write_meta(tmp, meta)

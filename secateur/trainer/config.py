@@ -5,6 +5,7 @@ problem becomes one `ConfigError` line.
 """
 from __future__ import annotations
 
+import glob
 import inspect
 import math
 from pathlib import Path
@@ -25,20 +26,72 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class ModelConfig(_Strict):
-    """`name`: a model class of secateur.models (e.g. VGGTSRA, MLP, TinyTransformer; case and
-    underscores ignored). `args`: its constructor arguments; input channels/features, class count
-    and vocabulary size are filled in from the dataset when left out."""
+class HFConfig(_Strict):
+    """A Hugging Face model: `config` (a config dict with model_type; random init) or `path` (a local
+    folder, or "pkg://package/sub" inside an installed package; loaded with from_pretrained, offline)."""
 
-    name: str
+    config: dict[str, Any] | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "HFConfig":
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of config or path")
+        return self
+
+
+HF_TASKS = ("causal_lm", "masked_lm", "sequence_classification", "image_classification")
+
+
+class ModelConfig(_Strict):
+    """Exactly one of:
+    `name`: a model class of secateur.models (e.g. VGGTSRA, MLP, TinyTransformer; case and
+    underscores ignored); `target`: any importable callable returning an nn.Module
+    ("torchvision.models.mobilenet_v2", "mypkg.nets:Net", "path/to/nets.py:Net");
+    `hf`: a Hugging Face model (see HFConfig) with a `task` (default: from the data).
+    `args`: constructor arguments (for `hf`: config attributes such as num_labels). Input
+    channels, class count and vocabulary size are filled in from the dataset when left out."""
+
+    name: str | None = None
+    target: str | None = None
+    hf: HFConfig | None = None
+    task: Literal[HF_TASKS] | None = None  # type: ignore[valid-type]
     args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        given = [k for k in ("name", "target", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of name, target or hf" +
+                             (f" (got {', '.join(given)})" if given else ""))
+        if self.task is not None and self.hf is None:
+            raise ValueError("task applies to hf models only")
+        return self
+
+
+DATASETS = ("fashion_mnist", "mnist", "digits", "text", "cifar10", "image_folder", "text_files")
+_DATA_KEYS = {  # keys that only some datasets read: a key set for another dataset is a mistake
+    "image_folder": {"root", "val_root", "val_fraction", "image_size", "channels", "mean", "std",
+                     "augment"},
+    "text_files": {"train_files", "val_files", "val_fraction", "format", "text_column",
+                   "label_column", "task", "tokenizer", "vocab_size", "block_size", "max_length",
+                   "mlm_probability"},
+    "text": {"path", "block_size"}, "fashion_mnist": {"root"}, "cifar10": {"root"},
+    "mnist": set(), "digits": set(),
+}
 
 
 class DataConfig(_Strict):
-    """Dataset and batching. `batch_size` is the micro-batch of one rank."""
+    """Dataset and batching. `batch_size` is the micro-batch of one rank.
 
-    dataset: Literal["fashion_mnist", "mnist", "digits", "text", "cifar10"]
-    root: str | None = None          # fashion_mnist / cifar10 folder
+    image_folder: `root` (class sub-folders, torchvision ImageFolder), `val_root` or a held-out
+    `val_fraction`, `image_size`, `channels` (1 or 3), `mean`/`std`, `augment`.
+    text_files: local text/json/jsonl/csv/parquet `train_files` (+ `val_files`) read by Hugging Face
+    datasets, `tokenizer` ("bpe": trained on the corpus, or a local folder), `task` causal_lm (packed
+    blocks of `block_size`), classification (`text_column`, `label_column`) or masked_lm."""
+
+    dataset: Literal[DATASETS]  # type: ignore[valid-type]
+    root: str | None = None          # fashion_mnist / cifar10 / image_folder folder
     path: str | None = None          # text corpus file ("kjv" or unset: the Debian KJV text)
     train_subset: Annotated[int, Field(gt=0)] | None = None
     val_subset: Annotated[int, Field(gt=0)] | None = None
@@ -46,6 +99,45 @@ class DataConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0)] = 64
     eval_batch_size: Annotated[int, Field(gt=0)] = 256
     block_size: Annotated[int, Field(gt=0)] = 64     # text windows
+    num_workers: Annotated[int, Field(ge=0)] = 0     # DataLoader worker processes per rank
+    # image_folder
+    val_root: str | None = None
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    image_size: Annotated[int, Field(gt=0)] | None = None
+    channels: Literal[1, 3] | None = None
+    mean: list[float] | None = None
+    std: list[Annotated[float, Field(gt=0)]] | None = None
+    augment: bool = False
+    # text_files
+    train_files: str | list[str] | None = None
+    val_files: str | list[str] | None = None
+    format: Literal["text", "json", "csv", "parquet"] | None = None
+    text_column: str = "text"
+    label_column: str | None = None
+    task: Literal["causal_lm", "masked_lm", "classification"] | None = None
+    tokenizer: str = "bpe"
+    vocab_size: Annotated[int, Field(ge=64)] = 4096
+    max_length: Annotated[int, Field(gt=0)] = 128
+    mlm_probability: Annotated[float, Field(gt=0, lt=1)] = 0.15
+
+    @model_validator(mode="after")
+    def _keys_fit_dataset(self) -> "DataConfig":
+        owned = set().union(*_DATA_KEYS.values())
+        allowed = _DATA_KEYS[self.dataset]
+        fields = type(self).model_fields
+        stray = sorted(k for k in owned - allowed if getattr(self, k) != fields[k].default)
+        if stray:
+            raise ValueError(f"{', '.join(stray)} do(es) not apply to dataset {self.dataset}")
+        if self.dataset == "image_folder" and self.root is None:
+            raise ValueError("image_folder needs root (a folder of class sub-folders)")
+        if self.dataset == "text_files":
+            if self.train_files is None:
+                raise ValueError("text_files needs train_files")
+            if self.task == "classification" and self.label_column is None:
+                raise ValueError("task classification needs label_column")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need the same length")
+        return self
 
 
 class OptimizerConfig(_Strict):
@@ -77,7 +169,7 @@ class RatioRule(_Strict):
 
     kind: Literal["ratio"]
     ratio: float
-    scope: Literal["global", "per_layer", "per_subspace"] = "per_layer"
+    scope: Literal["global", "per_layer", "per_subspace", "uniform"] = "per_layer"
 
     @field_validator("ratio")
     @classmethod
@@ -94,7 +186,7 @@ class ThresholdRule(_Strict):
     kind: Literal["threshold"]
     method: Literal["prop_of_max", "prop_of_avg", "prop_of_med", "zscore"]
     value: float
-    scope: Literal["per_layer", "per_subspace"] = "per_layer"
+    scope: Literal["per_layer", "per_subspace", "uniform"] = "per_layer"
 
     @model_validator(mode="after")
     def _keeps_some_units(self) -> "ThresholdRule":
@@ -152,11 +244,21 @@ Schedule = Annotated[Union[OneshotSchedule, IterativeSchedule, AGPSchedule], Fie
 
 
 class PruningConfig(_Strict):
+    """What to prune and when. `ignored_layers`: module names whose outputs keep their size;
+    `layers`: prune only the unit groups of these names; `units`: only groups of these kinds
+    (channels, heads, mlp, hidden); `round_to`: kept widths are multiples of this (whole heads);
+    `verify`: try each traced group's cut on a copy first (see secateur.pruning.Pruner)."""
+
     criterion: Literal[CRITERIA]  # type: ignore[valid-type]
     criterion_args: dict[str, Any] = Field(default_factory=dict)
     rule: Rule = Field(default_factory=lambda: RatioRule(kind="ratio", ratio=0.0))
     schedule: Schedule
     min_units: Annotated[int, Field(ge=1)] = 1
+    ignored_layers: list[str] = Field(default_factory=list)
+    layers: list[str] | None = None
+    units: list[Literal["channels", "heads", "mlp", "hidden"]] | None = None
+    round_to: Annotated[int, Field(gt=0)] | None = None
+    verify: bool = True
 
 
 class TrainConfig(_Strict):
@@ -241,14 +343,7 @@ def parse_config(data: Any, source: str = "config") -> Config:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file (schema only; see `check_config` for the rest)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    return parse_config(data, str(path))
+    return parse_config(read_yaml(path), str(path))
 
 
 def resolve_model_class(name: str) -> type:
@@ -265,22 +360,65 @@ def resolve_model_class(name: str) -> type:
     raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(known)}")
 
 
+def _check_data_files(d: DataConfig) -> None:
+    from secateur.data import DataError
+
+    def files(v: str | list[str] | None) -> list[str]:
+        return [] if v is None else [v] if isinstance(v, str) else list(v)
+
+    if d.dataset == "image_folder":
+        for key in ("root", "val_root"):
+            v = getattr(d, key)
+            if v is not None and not Path(v).is_dir():
+                raise DataError(f"{key}: folder {v} does not exist")
+    elif d.dataset == "text_files":
+        for key in ("train_files", "val_files"):
+            for f in files(getattr(d, key)):
+                if not Path(f).is_file() and not glob.glob(f):
+                    raise DataError(f"{key}: file {f} does not exist")
+        if d.tokenizer != "bpe":
+            from secateur.build import hf_path
+
+            if not hf_path(d.tokenizer).exists():
+                raise DataError(f"tokenizer: {d.tokenizer} is neither 'bpe' nor an existing folder")
+
+
 def check_config(cfg: Config, source: str = "config") -> None:
     """Checks beyond the schema: the dataset is on disk, the model exists and accepts its
-    arguments, the schedule fits in max_steps. Raises ConfigError (one line)."""
+    arguments, the schedule fits in max_steps. Raises ConfigError (one line). (That the model runs
+    on the data is checked by `setup.preflight`, which builds both.)"""
+    from secateur.build import BuildError, hf_config, import_target
     from secateur.data import DataError, check_available
 
     try:
-        check_available(cfg.data.dataset, cfg.data.root, cfg.data.path)
+        if cfg.data.dataset in ("image_folder", "text_files"):
+            _check_data_files(cfg.data)
+        else:
+            check_available(cfg.data.dataset, cfg.data.root, cfg.data.path)
     except DataError as err:
         raise ConfigError(f"{source}: data: {err}") from None
-    cls = resolve_model_class(cfg.model.name)
-    params = inspect.signature(cls).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(cfg.model.args) - set(params))
-        if unknown:
-            raise ConfigError(f"{source}: model.args: {cls.__name__} has no argument "
-                              f"{', '.join(repr(u) for u in unknown)}")
+    m = cfg.model
+    try:
+        if m.name is not None:
+            cls = resolve_model_class(m.name)
+            params = inspect.signature(cls).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                unknown = sorted(set(m.args) - set(params))
+                if unknown:
+                    raise ConfigError(f"{source}: model.args: {cls.__name__} has no argument "
+                                      f"{', '.join(repr(u) for u in unknown)}")
+        elif m.target is not None:
+            fn = import_target(m.target)
+            params = _signature_params(fn)
+            if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                unknown = sorted(set(m.args) - set(params))
+                if unknown:
+                    raise ConfigError(f"{source}: model.args: {m.target} has no argument "
+                                      f"{', '.join(repr(u) for u in unknown)}")
+        else:
+            hf_config({"hf": m.hf.model_dump(), "args": m.args})
+    except BuildError as err:
+        raise ConfigError(f"{source}: {err}") from None
     ds = cfg.deepspeed
     if cfg.pruning is not None:
         sched = cfg.pruning.schedule
@@ -293,8 +431,60 @@ def check_config(cfg: Config, source: str = "config") -> None:
                           "(optimizer-state surgery assumes fp32 parameters)")
 
 
-def load_and_check(path: str | Path) -> Config:
-    """`load_config` then `check_config`: everything that can be checked before training."""
-    cfg = load_config(path)
-    check_config(cfg, str(path))
+def _signature_params(fn: Any) -> dict | None:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """A copy of the raw config mapping with `key.path=value` overrides applied (values parsed as
+    YAML: `train.max_steps=50`, `model.args.widths=[16, 32]`, `pruning=null`). Raises ConfigError
+    (one line) for a malformed override or a path through a non-mapping."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        node = out
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML config file. Raises ConfigError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_and_check(path: str | Path, sets: list[str] = ()) -> Config:
+    """Read, override (`--set key=value` items), validate and check a config file: everything
+    that can be checked before training."""
+    data = apply_overrides(read_yaml(path), list(sets))
+    source = str(path) + (" with --set" if sets else "")
+    cfg = parse_config(data, source)
+    check_config(cfg, source)
     return cfg

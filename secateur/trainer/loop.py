@@ -26,8 +26,9 @@ from secateur.trainer import checkpoint as ckpt
 from secateur.trainer.config import Config
 from secateur.trainer.engine import DistInfo, Engine, deepspeed_config, make_optimizer
 from secateur.trainer.logs import RunLog, format_prune_event, read_metrics
-from secateur.trainer.setup import (dataset_from_config, eval_totals, loss_fn, lr_at,
-                                    model_from_config, param_count, pruner_from_config, unit_widths)
+from secateur.trainer.setup import (dataset_from_config, eval_totals, example_batch, example_input,
+                                    loss_fn, lr_at, model_from_config, model_source, param_count,
+                                    pruner_from_config, unit_widths)
 
 # files a run writes into its folder (a fresh `train` into an existing folder removes them)
 RUN_FILES = ("checkpoints", "ranks", "metrics.csv", "events.jsonl", "config.yaml", "summary.json",
@@ -66,7 +67,11 @@ def step_time_windows(rows: list[dict[str, Any]], k: int | None = None) -> tuple
 class Trainer:
     """One training run in RUN_DIR on this rank; `resume=True` continues from its latest checkpoint."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, dist_info: DistInfo, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path, dist_info: DistInfo, resume: bool = False,
+                 data: Any = None) -> None:
+        from secateur.build import is_hf, to_device
+        from secateur.data.loader import BatchStream
+
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
         tc = cfg.train
         if tc.threads is not None:
@@ -75,24 +80,34 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self._prepare_run_dir(resume)
 
-        self.data = dataset_from_config(cfg)
+        self.data = data if data is not None else dataset_from_config(cfg)
         self.device = dist_info.device
         meta = ckpt.read_meta(self.ckpt_path) if resume else None
+        self.own = cfg.model.name is not None       # secateur's own model: rebuilt from its spec
+        self.source = model_source(cfg, self.data)
         seed_everything(cfg.seed)                      # same initial weights on every rank
-        if meta is None:
-            self.model = model_from_config(cfg, self.data)
-        else:
+        if meta is not None and self.own:
             from secateur.models import build_model
 
             self.model = build_model(meta["spec"])     # the (possibly pruned) saved architecture
-            if not (self.ckpt_path / ckpt.DS_TAG).is_dir():
-                self.model.load_state_dict(ckpt.model_state_dict(self.ckpt_path))
+        else:
+            # other models are rebuilt as configured, then cut to the recorded structure below
+            self.model = model_from_config(cfg, self.data, pretrained=meta is None)
         self.model.to(self.device)
-        example = self.data.val.x[:2].to(self.device)
+        self.hf = is_hf(self.model)
+        self.example_x = example_batch(self.data)     # traced with; saved in every checkpoint
+        example = example_input(self.model, to_device(self.example_x, self.device))
         self.pruner = (pruner_from_config(cfg.pruning, self.model, example)
                        if cfg.pruning is not None else None)
-        self.order = ShardedOrder(len(self.data.train), cfg.data.batch_size, dist_info.rank,
-                                  dist_info.world_size, seed=cfg.seed)
+        self.groups = None if self.own or self.pruner is None else self.pruner.groups
+        if meta is not None and not self.own and meta.get("structure"):
+            self._apply_structure(meta, example)
+        if meta is not None and not (self.ckpt_path / ckpt.DS_TAG).is_dir():
+            self.model.load_state_dict(ckpt.model_state_dict(self.ckpt_path))
+        order = ShardedOrder(len(self.data.train), cfg.data.batch_size, dist_info.rank,
+                             dist_info.world_size, seed=cfg.seed)
+        self.stream = BatchStream(self.data.train, order, num_workers=cfg.data.num_workers,
+                                  seed=cfg.seed)
         self.engine = Engine(self.model, lambda m: make_optimizer(m, cfg.optimizer),
                              deepspeed_config(cfg, dist_info.world_size, param_count(self.model)))
         seed_everything(cfg.seed + 1 + dist_info.rank)  # dropout differs per rank
@@ -106,8 +121,25 @@ class Trainer:
         if resume:
             self.log.event("resume", self.step, checkpoint=self.ckpt_path.name)
         else:
-            self.log.event("start", 0, params=self.initial_params, widths=unit_widths(self.model),
+            self.log.event("start", 0, params=self.initial_params, widths=self.widths(),
                            world_size=dist_info.world_size, zero_stage=cfg.deepspeed.zero_stage)
+
+    def _apply_structure(self, meta: dict[str, Any], example: Any) -> None:
+        """Cut the freshly built model to the checkpoint's recorded structure (kept original units
+        per group), through the pruner's groups or, without pruning, groups traced as recorded."""
+        from secateur.pruning import build_groups, structure
+
+        if self.groups is None:
+            ignored = [dict(self.model.named_modules())[n]
+                       for n in meta.get("structure_ignored_layers", [])]
+            self.groups = build_groups(self.model, example, ignored, verify=False)
+        try:
+            structure.apply(self.groups, meta["structure"])
+        except ValueError as err:
+            raise ckpt.CheckpointError(f"{self.ckpt_path}: {err}") from None
+
+    def widths(self) -> dict[str, int]:
+        return unit_widths(self.model, self.groups)
 
     # ---- set-up helpers ----------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
@@ -139,7 +171,7 @@ class Trainer:
         if state:
             if self.pruner is not None and state.get("pruner") is not None:
                 self.pruner.load_state_dict(state["pruner"])
-            self.order.load_state_dict(state["data"])
+            self.stream.load_state_dict(state["data"])
             ckpt.set_rng_state(state["rng"])
         self.step = self.last_saved = int(meta["step"])
         self.initial_params = int(meta.get("initial_params", self.initial_params))
@@ -149,18 +181,22 @@ class Trainer:
             dist.barrier()
 
     # ---- one step ----------------------------------------------------------------------
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        x, y = self.data.train.batch(self.order.next())
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def next_batch(self) -> tuple[Any, Tensor]:
+        from secateur.build import to_device
+
+        x, y = self.stream.next()
+        return to_device(x, self.device), y.to(self.device, non_blocking=True)
 
     def train_step(self) -> float:
         """One optimizer step (gradient_accumulation_steps micro-batches). Returns the mean loss."""
+        from secateur.build import forward
+
         engine, gas, total = self.engine.engine, self.cfg.deepspeed.gradient_accumulation_steps, 0.0
         for _ in range(gas):
             x, y = self.next_batch()
             if self.pruner is not None and self.pruner.needs_targets:
                 self.pruner.observe_targets(y)
-            loss = loss_fn(engine(x), y)
+            loss = loss_fn(forward(engine, x, self.hf), y)
             engine.backward(loss)
             engine.step()
             total += loss.item()
@@ -202,7 +238,7 @@ class Trainer:
         rank_dir.mkdir(exist_ok=True)
         with open(rank_dir / f"rank{self.dist.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "digest": digest, "params": param_count(self.model),
-                                "widths": unit_widths(self.model)}) + "\n")
+                                "widths": self.widths()}) + "\n")
         if self.dist.world_size > 1:
             digests: list[str | None] = [None] * self.dist.world_size
             dist.all_gather_object(digests, digest)
@@ -236,22 +272,38 @@ class Trainer:
         tmp = ckpt.tmp_dir_for(self.run_dir, step)
         self.engine.save_checkpoint(str(tmp), ckpt.DS_TAG)
         ckpt.write_rank_state(tmp, self.dist.rank, {
-            "step": step, "rng": ckpt.rng_state(), "data": self.order.state_dict(),
+            "step": step, "rng": ckpt.rng_state(), "data": self.stream.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None})
         if self.dist.is_main:
             ckpt.write_meta(tmp, {
-                "step": step, "spec": self.model.spec(), "config": self.cfg.model_dump(mode="json"),
+                "step": step, **self.architecture(), "config": self.cfg.model_dump(mode="json"),
                 "lr_schedule": {"step": step, "next_lr": self.lr(step), **self.cfg.lr_schedule.model_dump()},
-                "data": self.order.state_dict(), "world_size": self.dist.world_size,
+                "data": self.stream.state_dict(), "world_size": self.dist.world_size,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "params": param_count(self.model),
-                "initial_params": self.initial_params, "widths": unit_widths(self.model),
-                "pruner_state": "rank<R>.pt" if self.pruner is not None else None})
+                "initial_params": self.initial_params, "widths": self.widths(),
+                "pruner_state": "rank<R>.pt" if self.pruner is not None else None,
+                "tokenizer": self.data.meta.get("tokenizer")})
+            from secateur.trainer.export import EXAMPLE_FILE, save_example
+
+            save_example(self.example_x, tmp / EXAMPLE_FILE)
         self._barrier()
         if self.dist.is_main:
             final = ckpt.publish(self.run_dir, step, keep=self.cfg.train.keep_checkpoints)
             self.log.event("checkpoint", step, path=str(final.relative_to(self.run_dir)))
         self._barrier()
         self.last_saved = step
+
+    def architecture(self) -> dict[str, Any]:
+        """How to rebuild the current model: `spec` (secateur's own models), or the `source` it was
+        built from plus the `structure` its groups were cut to (no pickled modules)."""
+        from secateur.pruning import structure
+
+        if self.own:
+            return {"spec": self.model.spec(), "source": self.source}
+        return {"source": self.source,
+                "structure": structure.record(self.groups) if self.groups else None,
+                "structure_ignored_layers": list(self.cfg.pruning.ignored_layers)
+                if self.cfg.pruning is not None else []}
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.cfg.optimizer.lr, self.cfg.lr_schedule, self.cfg.train.max_steps)
@@ -268,7 +320,7 @@ class Trainer:
             for group in self.engine.param_groups:
                 group["lr"] = lr
 
-            params, widths = param_count(self.model), unit_widths(self.model)
+            params, widths = param_count(self.model), self.widths()
             t0 = time.perf_counter()
             loss = self.train_step()
             step_time = time.perf_counter() - t0
@@ -303,7 +355,7 @@ class Trainer:
             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
             "step_time_early_s": early, "step_time_late_s": late,
             "step_time_late_over_early": late / early if early > 0 else float("nan"),
-            "widths_end": unit_widths(self.model),
+            "widths_end": self.widths(),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
@@ -311,6 +363,7 @@ class Trainer:
     def close(self) -> None:
         if self.dist.is_main:
             self.log.close()
+        self.stream.close()
         self.engine.destroy()
 
 

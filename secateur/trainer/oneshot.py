@@ -18,7 +18,9 @@ from secateur.trainer import checkpoint as ckpt
 from secateur.trainer.config import (OneshotSchedule, PruningConfig, RatioRule, ThresholdRule,
                                      check_config, parse_config)
 from secateur.trainer.loop import seed_everything
-from secateur.trainer.setup import dataset_from_config, eval_totals, param_count, pruner_from_config
+from secateur.build import forward, is_hf
+from secateur.trainer.setup import (dataset_from_config, eval_totals, example_batch, example_input,
+                                    param_count, pruner_from_config)
 
 
 def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
@@ -33,8 +35,11 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     """
     if calib_batches < 1:
         raise ValueError(f"calib_batches must be >= 1, got {calib_batches}")
+    from secateur.build import construct
+    from secateur.pruning import structure
+
     src = ckpt.latest(run_dir)
-    model, meta = ckpt.load_model(src)
+    meta = ckpt.read_meta(src)
     cfg = parse_config(meta["config"], f"{src}/meta.json")
     check_config(cfg, f"{src}/meta.json")
     pcfg = PruningConfig(criterion=criterion, criterion_args=criterion_args or {}, rule=rule,
@@ -42,6 +47,16 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
                          min_units=min_units)
     seed_everything(seed)
     ds = dataset_from_config(cfg)
+    x_example = example_batch(ds)
+    if meta.get("spec"):
+        model, _ = ckpt.load_model(src)
+        pruner = None
+    else:   # the original architecture, traced, cut to the recorded structure: origins stay original
+        model = construct(meta["source"], pretrained=False)
+        pruner = pruner_from_config(pcfg, model, example_input(model, x_example))
+        if meta.get("structure"):
+            structure.apply(pruner.groups, meta["structure"])
+        model.load_state_dict(ckpt.model_state_dict(src))
     val_idx = torch.arange(len(ds.val))
     bs = cfg.data.eval_batch_size
 
@@ -50,16 +65,18 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
         return t[1].item() / max(t[2].item(), 1.0)
 
     acc_before, params_before = accuracy(), param_count(model)
-    pruner = pruner_from_config(pcfg, model, ds.val.x[:2])
+    if pruner is None:
+        pruner = pruner_from_config(pcfg, model, example_input(model, x_example))
     t0 = time.perf_counter()
     model.eval()
+    hf = is_hf(model)
     with torch.no_grad():
         for b in range(calib_batches):
             idx = torch.arange(b * cfg.data.batch_size, (b + 1) * cfg.data.batch_size) % len(ds.train)
             x, y = ds.train.batch(idx)
             if pruner.needs_targets:
                 pruner.observe_targets(y)
-            model(x)
+            forward(model, x, hf)
     report = pruner.prune(None)
     seconds = time.perf_counter() - t0
     acc_after, params_after = accuracy(), param_count(model)
@@ -70,11 +87,17 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     new_cfg = cfg.model_copy(update={"pruning": None})
     (out / "config.yaml").write_text(yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
     step = int(meta["step"])
+    if meta.get("spec"):
+        arch = {"spec": model.spec()}
+    else:
+        arch = {"source": meta["source"], "structure": structure.record(pruner.groups),
+                "structure_ignored_layers": []}
     ckpt.write_weights_checkpoint(out, step, model, {
-        "step": step, "spec": model.spec(), "config": new_cfg.model_dump(mode="json"),
+        **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
         "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
         "source": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
-                                        "calib_batches": calib_batches}})
+                                        "calib_batches": calib_batches}},
+        example=None if meta.get("spec") else x_example)
     summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
                "params_before": params_before, "params_after": params_after,
                "acc_before": acc_before, "acc_after": acc_after, "groups": groups, "seconds": seconds}
