@@ -353,6 +353,9 @@ class Trainer:
             "params_ratio": param_count(self.model) / self.initial_params,
             "final_eval_acc": evals[-1]["eval_acc"] if evals else None,
             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            # language models: perplexity per token of the validation text
+            "final_eval_ppl": (float(np.exp(evals[-1]["eval_loss"])) if evals and
+                               self.data.task in ("lm", "mlm") else None),
             "step_time_early_s": early, "step_time_late_s": late,
             "step_time_late_over_early": late / early if early > 0 else float("nan"),
             "widths_end": self.widths(),
@@ -370,7 +373,8 @@ class Trainer:
 def format_summary(s: dict[str, Any]) -> str:
     """The end-of-run summary printed by `secateur train`."""
     acc = "n/a" if s["final_eval_acc"] is None else f"{s['final_eval_acc']:.4f}"
-    loss = "" if s["final_eval_loss"] is None else f" (val loss {s['final_eval_loss']:.4f})"
+    loss = "" if s["final_eval_loss"] is None else f" (val loss {s['final_eval_loss']:.4f}" + (
+        f", perplexity {s['final_eval_ppl']:.2f})" if s.get("final_eval_ppl") else ")")
     return "\n".join([
         f"run finished: {s['steps']} steps in {s['seconds']:.1f} s -> {s['run_dir']}",
         f"  parameters      {s['params_start']:,} -> {s['params_end']:,} "
