@@ -218,3 +218,64 @@ def test_text_data_into_a_vision_model_is_refused_before_any_file(data, tmp_path
     assert proc.returncode == 2 and "one forward on a batch of text_files failed" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+HF_TASKS = {
+    # a masked LM from a config, trained on the KJV text it tokenises with its own BPE
+    "masked_lm": ({"hf": {"config": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "max_position_embeddings": 64}}, "task": "masked_lm"},
+                  lambda d: {"dataset": "text_files", "train_files": f"{d}/kjv/val.txt",
+                             "task": "masked_lm", "vocab_size": 300, "max_length": 32, "batch_size": 8}),
+    # a ViT from a config on the image folder
+    "image_classification": ({"hf": {"config": {"model_type": "vit", "image_size": 32, "patch_size": 8,
+                                                "hidden_size": 32, "intermediate_size": 64,
+                                                "num_hidden_layers": 2, "num_attention_heads": 4}}},
+                             lambda d: {"dataset": "image_folder", "root": f"{d}/fm/train",
+                                        "val_root": f"{d}/fm/val", "channels": 3, "image_size": 32,
+                                        "batch_size": 8}),
+}
+
+
+@pytest.mark.parametrize("task", sorted(HF_TASKS))
+def test_hugging_face_tasks_train_prune_resume_and_export(task, data, tmp_path):
+    model, data_cfg = HF_TASKS[task]
+    cfg = {"model": model, "data": data_cfg(data),
+           "pruning": {"criterion": "activation", "units": ["heads", "mlp"],
+                       "rule": {"kind": "ratio", "ratio": 0.25, "scope": "uniform"},
+                       "schedule": {"kind": "iterative", "start": 2, "end": 4, "every": 2}},
+           "train": {"max_steps": 5, "eval_interval": 5, "eval_batches": 2}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = secateur("train", "--config", "c.yaml", "--out", "run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["params_end"] < summary["params_start"]
+    widths = ckpt.read_meta(ckpt.latest(tmp_path / "run"))["widths"]
+    heads = [w for n, w in widths.items() if "attention" in n]
+    assert heads and set(heads) == {3}    # 4 heads -> 3 at step 2; floor(0.25 * 3) = 0 at step 4
+    assert secateur("resume", "run", "--max-steps", 7, cwd=tmp_path).returncode == 0
+    proc = secateur("export", "run", "--out", "exp", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import secateur as sc
+    m = sc.load_pruned(tmp_path / "exp")
+    assert sum(p.numel() for p in m.parameters()) == \
+        json.loads((tmp_path / "run/summary.json").read_text())["params_end"]
+
+
+def test_two_ranks_prune_a_traced_hugging_face_model_identically(data, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = {**short("llama_kjv.yaml", data), "train.progress": False}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    proc = subprocess.run([*torchrun, "-m", "secateur", "train", "--config", str(REPO / "configs/llama_kjv.yaml"),
+                           "--out", "run", "--max-steps", "6", *_sets(sets)], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [[json.loads(line) for line in (tmp_path / "run/ranks" / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in range(2)]
+    assert [e["step"] for e in ranks[0]] == [2, 4, 6]
+    assert ranks[0] == ranks[1]                     # same widths, parameter counts and weight digests
+    assert ranks[0][-1]["params"] < ranks[0][0]["params"]
