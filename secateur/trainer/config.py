@@ -275,9 +275,32 @@ class TrainConfig(_Strict):
 
 
 class DeepSpeedConfig(_Strict):
+    """DeepSpeed settings. `precision`: the dtype the model trains in, "fp32" (default), "bf16" or
+    "fp16" (dynamic loss scaling), with fp32 master weights and optimizer state that pruning
+    events cut like the weights; the same as extra {bf16: {enabled: true}} or {fp16: {enabled:
+    true}}, whose further keys (loss_scale, initial_scale_power, ...) apply either way."""
+
     zero_stage: int = 0
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     extra: dict[str, Any] = Field(default_factory=dict)   # more DeepSpeed JSON keys, merged in
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> "DeepSpeedConfig":
+        modes = {self.precision} - {"fp32"}
+        for name in ("bf16", "fp16"):
+            section = self.extra.get(name)
+            if section is not None and not isinstance(section, dict):
+                raise ValueError(f"extra.{name} must be a mapping such as {{enabled: true}} "
+                                 f"(or set deepspeed.precision: {name})")
+            if section and section.get("enabled"):
+                modes.add(name)
+        if len(modes) > 1:
+            raise ValueError("bf16 and fp16 cannot both be enabled")
+        if modes and "data_types" in self.extra:
+            raise ValueError("extra.data_types does not combine with bf16/fp16 here (pruning reads "
+                             "the fp32 masters of DeepSpeed's ZeRO and fp16 optimizers only)")
+        return self
 
     @field_validator("zero_stage")
     @classmethod
@@ -426,9 +449,16 @@ def check_config(cfg: Config, source: str = "config") -> None:
         if first > cfg.train.max_steps:
             raise ConfigError(f"{source}: pruning.schedule starts at step {first}, after "
                               f"train.max_steps ({cfg.train.max_steps})")
-    if ds.extra.get("fp16", {}).get("enabled") or ds.extra.get("bf16", {}).get("enabled"):
-        raise ConfigError(f"{source}: deepspeed.extra: fp16/bf16 training is not supported "
-                          "(optimizer-state surgery assumes fp32 parameters)")
+    if ds.precision == "fp16" or (ds.extra.get("fp16") or {}).get("enabled"):
+        import torch   # DeepSpeed's own test: a CUDA device, or a CPU whose oneDNN does fp16
+
+        try:
+            cpu_fp16 = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        except (AttributeError, RuntimeError):
+            cpu_fp16 = False
+        if not torch.cuda.is_available() and not cpu_fp16:
+            raise ConfigError(f"{source}: deepspeed: fp16 needs a CUDA GPU or a CPU with fp16 "
+                              "support, which this machine lacks (DeepSpeed refuses it); use bf16")
 
 
 def _signature_params(fn: Any) -> dict | None:

@@ -1,12 +1,17 @@
 """Process group and DeepSpeed engine around any nn.Module, rebuilt when the model shrinks.
 
 DeepSpeed gets a plain torch optimizer (AdamW/Adam/SGD), so no DeepSpeed optimizer op is compiled.
-A pruning event tears the engine down, lets the surgery shrink the model and a torch optimizer
-holding the *full* per-parameter state, and initialises a new engine with that state:
-- ZeRO 0: the engine's optimizer is the torch optimizer itself; the surgery slices it in place.
-- ZeRO 1/2: the state lives in DeepSpeed's flat fp32 partitions. It is gathered per parameter
-  (deepspeed.utils.safe_get_full_optimizer_state), sliced by the surgery, and written back into
-  the new engine's partitions (safe_set_full_optimizer_state), step count included.
+A pruning event gathers every parameter's fp32 master value and optimizer state as whole tensors,
+tears the engine down, lets the surgery shrink the model (holding the masters, in fp32) and a torch
+optimizer holding that state, then initialises a new engine and writes the cut masters and state
+into it, wherever it keeps them:
+- ZeRO 0, fp32: the torch optimizer itself; the parameter is its own master.
+- ZeRO 0, bf16/fp16: DeepSpeed's FP16_UnfusedOptimizer, fp32 copies of the parameters.
+- ZeRO 1/2, any precision: DeepSpeed's flat fp32 partitions, read and written per parameter with
+  deepspeed.utils.safe_get_full_fp32_param / safe_get_full_optimizer_state and their setters.
+The fp16 loss scale and the engine's step counters carry over as well. A checkpoint also holds the
+same whole-tensor state by parameter name (FULL_STATE_FILE), so a run continues on another number
+of ranks.
 """
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from secateur.trainer.config import Config, OptimizerConfig
 
@@ -115,8 +121,16 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimi
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
+FULL_STATE_FILE = "full_state.pt"      # world-size-independent model + optimizer state, per checkpoint
+FULL_STATE_FORMAT = "secateur-full-state/1"
+# DynamicLossScaler / LossScaleConfig fields that move (fp16); the rest is configuration
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")   # as DeepSpeed saves them
+
+
 def deepspeed_config(cfg: Config, world_size: int, num_params: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (fp32, torch optimizer, quiet logging).
+    """The DeepSpeed JSON config for this run (torch optimizer, quiet logging; fp32 unless
+    `deepspeed.precision` or deepspeed.extra's fp16/bf16 section says otherwise).
 
     num_params sizes the ZeRO communication buckets: DeepSpeed's default (5e8 elements) makes it
     allocate and clear gigabyte buffers every step, which dominates small models on CPU.
@@ -137,8 +151,19 @@ def deepspeed_config(cfg: Config, world_size: int, num_params: int | None = None
     }
     if cfg.optimizer.grad_clip > 0:
         out["gradient_clipping"] = cfg.optimizer.grad_clip
+    if ds.precision != "fp32":
+        out[ds.precision] = {"enabled": True}
     out.update(ds.extra)
     return out
+
+
+def precision_of(ds_config: dict[str, Any]) -> str:
+    """'bf16', 'fp16' or 'fp32': the parameter dtype a DeepSpeed JSON config trains in."""
+    for name in ("bf16", "fp16"):
+        section = ds_config.get(name)
+        if isinstance(section, dict) and section.get("enabled"):
+            return name
+    return "fp32"
 
 
 def _quiet_deepspeed() -> None:
@@ -150,11 +175,87 @@ def _quiet_deepspeed() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
+    if torch.is_tensor(x):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, dict):
+        return {k: _cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_cast_floats(v, dtype) for v in x)
+    return x
+
+
+def _inputs_to_param_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # a bf16/fp16 model takes the fp32 batches the data pipeline makes (and fp32 again while the
+    # surgery runs on the fp32 masters): floating inputs follow the parameters' current dtype
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return args, kwargs
+    return _cast_floats(args, dtype), _cast_floats(kwargs, dtype)
+
+
+def _logits_to_fp32(module: nn.Module, args: tuple, out: Any) -> Any:
+    # the loss (and its gradient's first step) in fp32, as autocast would
+    if torch.is_tensor(out) and out.is_floating_point():
+        return out.float()
+    logits = getattr(out, "logits", None)
+    if torch.is_tensor(logits) and logits.is_floating_point() and isinstance(out, dict):
+        out["logits"] = logits.float()
+    return out
+
+
+def _clone_state(st: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+
+
+def regroup_rank_states(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """This rank's state, from the per-rank checkpoint states of a run that had len(states) ranks,
+    for a run continuing on another number of ranks ({} when the checkpoint holds none).
+
+    - Pruner statistics are additive accumulators, summed over ranks at every event: rank 0 takes
+      their sum over the saved ranks and every other rank starts from zero, so the next event sees
+      the same totals. The schedule position (events done, step, initial widths) is the same on
+      every saved rank; rank 0's is used.
+    - The data position (epoch, cursor) is global and the same on every rank: rank 0's. The new
+      ranks take the next global batches of the same epoch permutation, each a `batch_size` slice.
+    - RNG: rank r continues saved rank r's streams; a rank that did not exist gets none ("rng"
+      left out: the caller seeds it).
+    """
+    if not states or not states[0]:
+        return {}
+    out = {k: v for k, v in states[0].items() if k != "rng"}
+    if rank < len(states) and "rng" in states[rank]:
+        out["rng"] = states[rank]["rng"]
+    pruner = states[0].get("pruner")
+    if pruner is not None:
+        stats = {k: v.clone() for k, v in pruner.get("stats", {}).items()}
+        for k, v in stats.items():
+            if rank == 0:
+                for other in states[1:]:
+                    v += other["pruner"]["stats"][k]
+            else:
+                v.zero_()
+        out["pruner"] = {**pruner, "stats": stats}
+    return out
+
+
 class Engine:
     """A DeepSpeed engine that can be rebuilt around a model whose layers changed shape.
 
     model: the bare nn.Module (its parameters keep their identity across rebuilds).
     make_opt: builds a fresh torch optimizer over the model (same param-group layout every time).
+
+    Every parameter has a *master* value in fp32 and optimizer state; where they live depends on
+    the DeepSpeed wrapper, which `kind` names:
+    - "torch": ZeRO 0, fp32. The engine's optimizer is the torch optimizer; the parameter is its
+      own master.
+    - "unfused": ZeRO 0, bf16/fp16. DeepSpeed's FP16_UnfusedOptimizer keeps an fp32 copy of each
+      low-precision parameter (fp32_groups) and the torch optimizer's state is keyed by the copies.
+    - "zero": ZeRO 1/2, any precision. Masters and state live in flat fp32 partitions, one slice
+      per rank; they are gathered and written per parameter with deepspeed.utils.safe_get_full_*
+      / safe_set_full_*.
+    `full_master_params` and `full_optimizer_state` read them as whole tensors keyed by the model
+    parameter, whatever the kind; `load_full_state` writes such tensors into the current engine.
     """
 
     def __init__(self, model: nn.Module, make_opt: Callable[[nn.Module], torch.optim.Optimizer],
@@ -167,6 +268,11 @@ class Engine:
         self._deepspeed = deepspeed
         self.model, self.make_opt, self.ds_config = model, make_opt, ds_config
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.precision = precision_of(ds_config)
+        self._hooks = []
+        if self.precision != "fp32":
+            self._hooks = [model.register_forward_pre_hook(_inputs_to_param_dtype, with_kwargs=True),
+                           model.register_forward_hook(_logits_to_fp32)]
         self.engine = self._initialize(make_opt(model))
 
     def _initialize(self, optimizer: torch.optim.Optimizer):
@@ -175,11 +281,47 @@ class Engine:
         return engine
 
     @property
+    def kind(self) -> str:
+        """Where masters and optimizer state live: "torch", "unfused" or "zero" (see the class)."""
+        opt = self.engine.optimizer
+        if self.zero_stage in (1, 2) and hasattr(opt, "single_partition_of_fp32_groups"):
+            return "zero"
+        if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+            return "unfused"
+        if self.zero_stage == 0 and isinstance(opt, torch.optim.Optimizer):
+            return "torch"
+        raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(opt).__name__}, which the "
+                           "pruning surgery cannot read (ZeRO 0-2 with a torch optimizer only)")
+
+    @property
     def param_groups(self) -> list[dict]:
         """The optimizer's param groups (set `lr` here)."""
         return self.engine.optimizer.param_groups
 
-    # ---- optimizer state, gathered to whole parameters -------------------------------------
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _unfused_pairs(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """(low-precision model parameter, its fp32 master) under FP16_UnfusedOptimizer."""
+        opt = self.engine.optimizer
+        return [(lp, hp) for lps, hps in zip(opt.fp16_groups, opt.fp32_groups)
+                for lp, hp in zip(lps, hps)]
+
+    # ---- masters and optimizer state, gathered to whole parameters ---------------------------
+    def full_master_params(self) -> dict[nn.Parameter, Tensor]:
+        """The fp32 master value of every trainable parameter, a whole tensor (a copy).
+
+        Collective under ZeRO 1/2 (every rank must call it). In fp32 training at ZeRO 0 the
+        master is the parameter itself."""
+        kind = self.kind
+        if kind == "torch":
+            return {p: p.detach().clone() for p in self._trainable()}
+        if kind == "unfused":
+            return {lp: hp.detach().clone() for lp, hp in self._unfused_pairs()}
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {p: safe_get_full_fp32_param(p).detach().clone() for p in self._trainable()}
+
     def _zero_flat_state(self) -> tuple[list[str], dict[str, Any]]:
         """(per-element state keys, scalar state entries) of the ZeRO partitions' optimizer."""
         zopt = self.engine.optimizer
@@ -199,15 +341,21 @@ class Engine:
         zopt._lazy_init_hp_params_optimizer_state()
 
     def full_optimizer_state(self) -> dict[nn.Parameter, dict[str, Any]]:
-        """Optimizer state per model parameter, whole tensors shaped like the parameter.
+        """Optimizer state per model parameter, whole fp32 tensors shaped like the parameter
+        (copies), scalars such as Adam's step included.
 
         Collective under ZeRO 1/2 (every rank must call it). Parameters without state (no step
         taken yet) are left out.
         """
-        if self.zero_stage == 0:
+        kind = self.kind
+        if kind == "torch":
             opt = self.engine.optimizer
-            return {p: dict(opt.state[p]) for g in opt.param_groups for p in g["params"]
-                    if p in opt.state and opt.state[p]}
+            return {p: _clone_state(opt.state[p]) for g in opt.param_groups for p in g["params"]
+                    if opt.state.get(p)}
+        if kind == "unfused":
+            inner = self.engine.optimizer.optimizer
+            return {lp: _clone_state(inner.state[hp]) for lp, hp in self._unfused_pairs()
+                    if inner.state.get(hp)}
         from deepspeed.utils import safe_get_full_optimizer_state
 
         per_elem, scalars = self._zero_flat_state()
@@ -215,71 +363,164 @@ class Engine:
             return {}
         self._relink_state_views()
         out = {}
-        for p in self.model.parameters():
-            if p.requires_grad:
-                out[p] = {k: safe_get_full_optimizer_state(p, k).clone() for k in per_elem}
-                out[p].update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})
+        for p in self._trainable():
+            out[p] = {k: safe_get_full_optimizer_state(p, k).clone() for k in per_elem}
+            out[p].update(_clone_state(scalars))
         return out
 
-    def _load_full_optimizer_state(self, full: dict[nn.Parameter, dict[str, Any]]) -> None:
-        """Write whole-parameter optimizer state into the (new) ZeRO 1/2 partitions."""
-        from deepspeed.utils import safe_set_full_optimizer_state
+    def _extras(self) -> dict[str, Any]:
+        """Loss-scaler position (fp16) and the engine's step counters."""
+        opt = self.engine.optimizer
+        scaler = getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
+        return {"scaler": {k: getattr(scaler, k) for k in _SCALER_FIELDS if hasattr(scaler, k)}
+                if scaler is not None else {},
+                "counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS
+                             if hasattr(self.engine, k)}}
 
-        if not full:
+    def _load_extras(self, extras: dict[str, Any]) -> None:
+        opt = self.engine.optimizer
+        scaler = getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
+        if scaler is not None:
+            for k, v in extras.get("scaler", {}).items():
+                if hasattr(scaler, k):
+                    setattr(scaler, k, v)
+        for k, v in extras.get("counters", {}).items():
+            if hasattr(self.engine, k):
+                setattr(self.engine, k, v)
+
+    @torch.no_grad()
+    def load_full_state(self, masters: dict[nn.Parameter, Tensor],
+                        optim: dict[nn.Parameter, dict[str, Any]],
+                        extras: dict[str, Any] | None = None) -> None:
+        """Write whole-parameter fp32 masters (the model's low-precision weights follow them) and
+        optimizer state into the current engine, whatever its ZeRO stage and precision.
+
+        Every rank calls it with the same full tensors; each keeps what its partition holds."""
+        kind = self.kind
+        for p, m in masters.items():
+            if p.data_ptr() != m.data_ptr():
+                p.data.copy_(m.to(p.dtype))
+        if kind == "torch":
+            opt = self.engine.optimizer
+            for p, st in optim.items():
+                opt.state[p] = _clone_state(st)
+        elif kind == "unfused":
+            inner = self.engine.optimizer.optimizer
+            for lp, hp in self._unfused_pairs():
+                if lp in masters:
+                    hp.copy_(masters[lp])
+                if lp in optim:
+                    inner.state[hp] = _clone_state(optim[lp])
+        else:
+            self._load_zero_state(masters, optim)
+        if extras:
+            self._load_extras(extras)
+
+    def _load_zero_state(self, masters: dict[nn.Parameter, Tensor],
+                         optim: dict[nn.Parameter, dict[str, Any]]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        for p, m in masters.items():
+            safe_set_full_fp32_param(p, m)
+        if not optim:
             return
         zopt = self.engine.optimizer
-        sample = next(iter(full.values()))
+        sample = next(iter(optim.values()))
         per_elem = [k for k, v in sample.items() if torch.is_tensor(v) and v.dim() > 0]
         scalars = {k: v for k, v in sample.items() if k not in per_elem}
         # torch optimizers create state lazily at the first step; create it now on the flat
         # partitions, link DeepSpeed's per-parameter views into it, then fill it per parameter.
         for flat in zopt.single_partition_of_fp32_groups:
             st = {k: torch.zeros_like(flat) for k in per_elem}
-            st.update({k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()})
+            st.update(_clone_state(scalars))
             zopt.optimizer.state[flat] = st
         self._relink_state_views()
-        for p in self.model.parameters():
-            if p in full:
+        for p in self._trainable():
+            if p in optim:
                 for k in per_elem:
-                    safe_set_full_optimizer_state(p, full[p][k], k)
+                    safe_set_full_optimizer_state(p, optim[p][k], k)
 
     # ---- rebuild ---------------------------------------------------------------------------
     def rebuild_around(self, surgery: Callable[[torch.optim.Optimizer], T]) -> T:
-        """Tear the engine down, run `surgery(optimizer)` on the bare model and a torch optimizer
-        that holds the full per-parameter state, then build a new engine carrying that state.
+        """Tear the engine down, run `surgery(optimizer)` on the bare model in fp32 (its
+        parameters hold the fp32 masters) and a torch optimizer holding the full per-parameter
+        state, then build a new engine and write the cut masters and state into it.
 
         Collective: every rank calls it with a surgery that makes the same decisions.
         Returns what `surgery` returns.
         """
-        if self.zero_stage == 0:
-            opt = self.engine.optimizer            # the torch optimizer itself
-            self.engine.destroy()
-            result = surgery(opt)
-            self.engine = self._initialize(opt)
-            return result
+        masters = self.full_master_params()
         full = self.full_optimizer_state()
+        extras = self._extras()
         self.engine.destroy()
+        if self.precision != "fp32":
+            self.model.float()              # buffers too (exact: bf16/fp16 values fit in fp32)
         for p in self.model.parameters():
-            # parameters are views into DeepSpeed's flat buffer: give each its own storage
-            p.data = p.data.clone()
+            # parameters are views into DeepSpeed's buffers (or low precision): own fp32 storage
+            p.data = masters[p] if p in masters else p.data.clone()
             p.grad = None
         shadow = self.make_opt(self.model)
         for p, st in full.items():
             shadow.state[p] = st
         result = surgery(shadow)
+        cut = {p: p.data for p in self._trainable()}
         self.engine = self._initialize(self.make_opt(self.model))
-        self._load_full_optimizer_state({p: shadow.state[p] for p in shadow.state})
+        self.load_full_state(cut, {p: shadow.state[p] for p in shadow.state if shadow.state[p]},
+                             extras)
         return result
 
     def destroy(self) -> None:
+        """Release the DeepSpeed engine (the model stays usable)."""
         self.engine.destroy()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     # ---- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag: str) -> None:
-        """DeepSpeed's own checkpoint (model + optimizer, ZeRO partitions per rank). Collective."""
+        """DeepSpeed's own checkpoint (model + optimizer, ZeRO partitions per rank) and, written by
+        rank 0, FULL_STATE_FILE: the whole fp32 masters and optimizer state per parameter name,
+        which a run on another number of ranks (or ZeRO stage) resumes from. Collective."""
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+        self.save_full_state(Path(save_dir) / FULL_STATE_FILE)
+
+    def save_full_state(self, path: Path) -> None:
+        """Gather the whole masters and optimizer state (collective); rank 0 writes them to
+        `path`, keyed by parameter name (torch.save)."""
+        masters, optim, extras = self.full_master_params(), self.full_optimizer_state(), self._extras()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        names = {p: n for n, p in self.model.named_parameters()}
+        torch.save({"format": FULL_STATE_FORMAT, "precision": self.precision,
+                    "zero_stage": self.zero_stage,
+                    "masters": {names[p]: t.cpu() for p, t in masters.items()},
+                    "optimizer": {names[p]: {k: (v.cpu() if torch.is_tensor(v) else v)
+                                             for k, v in st.items()} for p, st in optim.items()},
+                    "extras": extras}, path)
+
+    def load_full_state_file(self, path: Path, module_state: dict[str, Tensor] | None = None) -> None:
+        """Continue from a FULL_STATE_FILE (and the module's other tensors, such as normalisation
+        statistics, from `module_state`) on whatever number of ranks and ZeRO stage this engine
+        has. Every rank reads the file. Raises ValueError when it does not fit the model."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("format") != FULL_STATE_FORMAT:
+            raise ValueError(f"{path} is not a {FULL_STATE_FORMAT} file")
+        params = dict(self.model.named_parameters())
+        if module_state is not None:
+            self.model.load_state_dict(module_state)
+        masters, optim = {}, {}
+        for name, t in data["masters"].items():
+            p = params.get(name)
+            if p is None or p.shape != t.shape:
+                raise ValueError(f"{path}: parameter {name} does not fit the model")
+            masters[p] = t.to(p.device)
+        for name, st in data["optimizer"].items():
+            p = params[name]
+            optim[p] = {k: (v.to(p.device) if torch.is_tensor(v) else v) for k, v in st.items()}
+        self.load_full_state(masters, optim, data.get("extras"))
 
     def load_checkpoint(self, load_dir: str, tag: str) -> None:
+        """Load DeepSpeed's checkpoint written by the same number of ranks and ZeRO stage."""
         path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

@@ -24,7 +24,8 @@ from torch import Tensor
 from secateur.data import ShardedOrder, shard_range
 from secateur.trainer import checkpoint as ckpt
 from secateur.trainer.config import Config
-from secateur.trainer.engine import DistInfo, Engine, deepspeed_config, make_optimizer
+from secateur.trainer.engine import (FULL_STATE_FILE, DistInfo, Engine, deepspeed_config,
+                                     make_optimizer, regroup_rank_states)
 from secateur.trainer.logs import RunLog, format_prune_event, read_metrics
 from secateur.trainer.setup import (dataset_from_config, eval_totals, example_batch, example_input,
                                     loss_fn, lr_at, model_from_config, model_source, param_count,
@@ -49,7 +50,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -161,18 +162,37 @@ class Trainer:
         self._barrier()
 
     def _restore(self, meta: dict[str, Any]) -> None:
-        if meta.get("world_size", self.dist.world_size) != self.dist.world_size and \
-                (self.ckpt_path / "rank0.pt").is_file():
-            raise ckpt.CheckpointError(f"{self.ckpt_path} was written by {meta['world_size']} ranks; "
-                                       f"resume it with the same number (got {self.dist.world_size})")
-        if (self.ckpt_path / ckpt.DS_TAG).is_dir():
+        # another number of ranks or ZeRO stage: model and optimizer from the whole-tensor state
+        # file (DeepSpeed's files are partitioned per rank), per-rank states regrouped
+        saved_ranks = int(meta.get("world_size", self.dist.world_size))
+        stage = self.cfg.deepspeed.zero_stage
+        elastic = saved_ranks != self.dist.world_size or int(meta.get("zero_stage", stage)) != stage
+        if (self.ckpt_path / ckpt.DS_TAG).is_dir() and not elastic:
             self.engine.load_checkpoint(str(self.ckpt_path), ckpt.DS_TAG)
-        state = ckpt.read_rank_state(self.ckpt_path, self.dist.rank)
+        elif (self.ckpt_path / ckpt.DS_TAG).is_dir():
+            if not (self.ckpt_path / FULL_STATE_FILE).is_file():
+                raise ckpt.CheckpointError(
+                    f"{self.ckpt_path} was written by {saved_ranks} ranks at ZeRO stage "
+                    f"{meta.get('zero_stage')} without {FULL_STATE_FILE} (an older secateur); resume "
+                    "it with that number of ranks and stage")
+            try:
+                self.engine.load_full_state_file(self.ckpt_path / FULL_STATE_FILE,
+                                                 ckpt.model_state_dict(self.ckpt_path))
+            except (ValueError, RuntimeError) as err:
+                raise ckpt.CheckpointError(f"{self.ckpt_path}: {err}") from None
+        if elastic:
+            state = regroup_rank_states([ckpt.read_rank_state(self.ckpt_path, r)
+                                         for r in range(saved_ranks)], self.dist.rank)
+        else:
+            state = ckpt.read_rank_state(self.ckpt_path, self.dist.rank)
         if state:
             if self.pruner is not None and state.get("pruner") is not None:
                 self.pruner.load_state_dict(state["pruner"])
             self.stream.load_state_dict(state["data"])
-            ckpt.set_rng_state(state["rng"])
+            if "rng" in state:
+                ckpt.set_rng_state(state["rng"])
+            else:   # a rank the saved run did not have: its own streams, new from this step on
+                seed_everything(self.cfg.seed + 1 + self.dist.rank + 1_000_003 * int(meta["step"]))
         self.step = self.last_saved = int(meta["step"])
         self.initial_params = int(meta.get("initial_params", self.initial_params))
 
