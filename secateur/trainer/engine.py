@@ -57,12 +57,19 @@ def _free_port() -> int:
 _OWN_ENV: dict[str, str] = {}
 
 
-def init_distributed(local_rank: int | None = None) -> DistInfo:
+def init_distributed(local_rank: int | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the process group set up by torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
     MASTER_ADDR in the environment), or create a 1-rank group for a plain single process.
 
     CUDA ranks use NCCL, CPU ranks gloo. `local_rank` is the launcher's --local_rank, if given.
+    `timeout_s`: how long a collective waits for the other ranks before it fails (torch's
+    default, 30 minutes for gloo, when None; the Trainer applies train.collective_timeout_s to
+    every group either way). Stale torch extension build locks are cleared first
+    (secateur.warmup.check_build_locks), so DeepSpeed's op build does not wait on a dead owner.
     """
+    from secateur.warmup import prepare_op_cache
+
+    prepare_op_cache(cpu=not torch.cuda.is_available())
     if "RANK" not in os.environ:
         own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": str(local_rank or 0),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -77,7 +84,12 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        if timeout_s is not None:
+            from datetime import timedelta
+
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), lr, device, backend)
 
 
