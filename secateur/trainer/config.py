@@ -272,6 +272,10 @@ class TrainConfig(_Strict):
     threads: Annotated[int, Field(gt=0)] | None = None   # torch threads per rank
     progress: bool = True            # tqdm bar on rank 0
     verify_ranks: bool = True        # after each event, check all ranks hold the same weights
+    # steps with a non-finite loss or gradient skipped (update not applied) before the run stops
+    skip_nonfinite: Annotated[int, Field(ge=0)] = 0
+    # seconds a collective may wait for the other ranks before the job ends with an error
+    collective_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
 
 
 class DeepSpeedConfig(_Strict):

@@ -2,15 +2,38 @@
 
 `Trainer.train()` is one `while` loop, read top to bottom: LR schedule, forward/backward/step,
 `maybe_prune(step)`, eval, logging, checkpoint. Everything else here is a small helper of it.
+
+Ending early. The run stops with one line on stderr and raises `RunStopped` (a SystemExit, so the
+process exits with its code and no traceback):
+- SIGTERM / SIGINT (a cluster's preemption, Ctrl-C): the current step is finished (pruning event,
+  eval and log row included), a checkpoint is written, exit 143 (SIGTERM) or 130 (SIGINT), i.e.
+  128 + the signal number. `secateur resume RUN` continues exactly as after SIGKILL. Every rank
+  stops at the same step: a signal seen by any rank is agreed on by all at each step's end (one
+  all_reduce of two ints). Repeated signals while stopping are ignored (SIGKILL aborts at once);
+  a signal during set-up, before the first step, ends the process at once (nothing to save).
+- a non-finite loss or gradient (EXIT_DIVERGED, 3): the step's update is not applied, no
+  checkpoint is written, the last (finite) checkpoint stays latest. `train.skip_nonfinite: N`
+  skips up to N such steps first (counted over the whole run). Checkpoints of non-finite weights
+  are refused the same way; a pruning event on non-finite statistics or weights is skipped.
+- a checkpoint that cannot be written (EXIT_SAVE_FAILED, 4): disk full, read-only folder, quota;
+  the half-written folder is removed and `latest` stays on the previous checkpoint.
+- a collective that does not complete within `train.collective_timeout_s` (a rank stopped
+  answering), or another rank that ended (EXIT_PEER_LOST, 5): one line from each rank that sees
+  it, instead of waiting forever. Under NCCL, torch's watchdog may end the process first.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +57,115 @@ from secateur.trainer.setup import (dataset_from_config, eval_totals, example_ba
 # files a run writes into its folder (a fresh `train` into an existing folder removes them)
 RUN_FILES = ("checkpoints", "ranks", "metrics.csv", "events.jsonl", "config.yaml", "summary.json",
              "report.md", "plots", "export")
+
+
+EXIT_DIVERGED = 3          # non-finite loss, gradient or weights
+EXIT_SAVE_FAILED = 4       # a checkpoint could not be written (disk full, read-only, quota)
+EXIT_PEER_LOST = 5         # another rank stopped answering (collective timeout) or ended
+
+
+class RunStopped(SystemExit):
+    """The run ended early on purpose after saying why in one line (module docstring).
+
+    A SystemExit: the process exits with `code` (EXIT_DIVERGED, EXIT_SAVE_FAILED, or 128 + the
+    signal number) and no traceback; in-process callers can catch it."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT handlers of one run (main thread only).
+
+    Until `training` is set a signal ends the process at once (RunStopped, one line): set-up has
+    nothing to save. Afterwards the handler only records the first signal; the loop stops after
+    the current step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, say: bool) -> None:
+        self.say, self.training, self.received = say, False, 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.training:
+            self.received = self.received or signum
+            return
+        message = f"stopped by {signal.Signals(signum).name} during set-up, before any step"
+        if self.say:
+            print(message, file=sys.stderr, flush=True)
+        raise RunStopped(128 + signum, message)
+
+
+@contextlib.contextmanager
+def _update_skipped(engine: Any):
+    """`engine.step()` inside this block does DeepSpeed's bookkeeping (gradients cleared, step
+    counters advanced, ZeRO partitions gathered) but the torch optimizer underneath does not
+    update anything: weights, moments and the optimizer's step count stay as they were."""
+    opt, seen = engine.optimizer, set()
+    while getattr(opt, "optimizer", None) is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        opt = opt.optimizer
+    opt.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del opt.step
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """What went wrong, in a few words, when `err` is a write the user can fix (disk full,
+    read-only, quota, permissions: an OSError with an errno, or torch's file writer failing);
+    None for anything else (a bug or a simulated crash keeps its traceback)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    if isinstance(err, RuntimeError) and ("inline_container" in str(err) or
+                                          "PytorchStreamWriter" in str(err)):
+        return "torch could not write a file (" + str(err).splitlines()[0].strip()[:160] + ")"
+    return None
+
+
+def _set_collective_timeout(seconds: float | None) -> None:
+    """Give every process group of this process (the default one and those DeepSpeed creates)
+    this timeout, so a collective whose peer stopped answering fails instead of waiting forever."""
+    if seconds is None or not dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    c10d = dist.distributed_c10d
+    setter = getattr(dist, "set_timeout", None) or getattr(c10d, "_set_pg_timeout", None)
+    if setter is None:
+        return
+    groups = list(getattr(getattr(c10d, "_world", None), "pg_map", {}) or []) or [None]
+    for group in groups:
+        try:
+            setter(timedelta(seconds=seconds), group)
+        except (ValueError, RuntimeError):
+            pass                       # not a member of that group, or a backend without timeouts
+
+
+def _peer_failure(err: BaseException, timeout_s: float) -> str | None:
+    """What a failed collective says about the other ranks, in a few words, or None when `err`
+    is not about them."""
+    text = str(err)
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"a collective got no answer from another rank within {timeout_s:g} s "
+                f"(train.collective_timeout_s): a rank stopped or hangs")
+    if any(k in text for k in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")):
+        return "another rank ended (its connection closed)"
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -74,7 +206,13 @@ class Trainer:
         from secateur.data.loader import BatchStream
 
         self.cfg, self.run_dir, self.dist = cfg, Path(run_dir), dist_info
+        self.signals = _StopSignals(say=dist_info.is_main)
+        self.signals.install()
+        self.nonfinite_skipped = 0          # steps skipped under train.skip_nonfinite so far
+        self._step_bad = False              # the last train_step's update was not applied
+        self.stop_signal = 0                # a stop signal all ranks agreed on (0: none)
         tc = cfg.train
+        _set_collective_timeout(tc.collective_timeout_s)
         if tc.threads is not None:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:
@@ -111,6 +249,7 @@ class Trainer:
                                   seed=cfg.seed)
         self.engine = Engine(self.model, lambda m: make_optimizer(m, cfg.optimizer),
                              deepspeed_config(cfg, dist_info.world_size, param_count(self.model)))
+        _set_collective_timeout(tc.collective_timeout_s)   # DeepSpeed's own groups too
         seed_everything(cfg.seed + 1 + dist_info.rank)  # dropout differs per rank
         self.step = 0
         self.initial_params = param_count(self.model)
@@ -195,6 +334,7 @@ class Trainer:
                 seed_everything(self.cfg.seed + 1 + self.dist.rank + 1_000_003 * int(meta["step"]))
         self.step = self.last_saved = int(meta["step"])
         self.initial_params = int(meta.get("initial_params", self.initial_params))
+        self.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
 
     def _barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -208,19 +348,61 @@ class Trainer:
         return to_device(x, self.device), y.to(self.device, non_blocking=True)
 
     def train_step(self) -> float:
-        """One optimizer step (gradient_accumulation_steps micro-batches). Returns the mean loss."""
+        """One optimizer step (gradient_accumulation_steps micro-batches). Returns the mean loss.
+
+        Before the update all ranks agree (`_agree`) on whether any saw a non-finite loss or
+        gradient and whether any received a stop signal. A non-finite step's update is not
+        applied (`self._step_bad`), and the pruner's statistics are put back as they were
+        before the step when such steps may be skipped (train.skip_nonfinite > 0)."""
         from secateur.build import forward
 
         engine, gas, total = self.engine.engine, self.cfg.deepspeed.gradient_accumulation_steps, 0.0
-        for _ in range(gas):
+        saved = (self.pruner.state_dict() if self.pruner is not None and
+                 self.cfg.train.skip_nonfinite > self.nonfinite_skipped else None)
+        for i in range(gas):
             x, y = self.next_batch()
             if self.pruner is not None and self.pruner.needs_targets:
                 self.pruner.observe_targets(y)
             loss = loss_fn(forward(engine, x, self.hf), y)
             engine.backward(loss)
-            engine.step()
             total += loss.item()
+            if i < gas - 1:
+                engine.step()              # not a boundary: no update yet
+                continue
+            bad = self._agree(not math.isfinite(total) or not self._grads_finite())
+            if bad:
+                with _update_skipped(engine):
+                    engine.step()
+            else:
+                engine.step()
+                # ZeRO 1/2 (with clipping) skip a step with inf/NaN gradients themselves (agreed
+                # over ranks); with fp16 loss scaling such skips are normal and not counted
+                bad = (self.engine.zero_stage > 0 and not engine.was_step_applied()
+                       and not engine.fp16_enabled())
+        self._step_bad = bad
+        if bad and saved is not None:
+            self.pruner.load_state_dict(saved)
         return total / gas
+
+    def _grads_finite(self) -> bool:
+        """Whether this rank's (already averaged) gradients are finite. ZeRO 0 only: under ZeRO
+        1/2 the gradients live in DeepSpeed's partitions, which DeepSpeed checks itself."""
+        if self.engine.zero_stage != 0:
+            return True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _agree(self, bad: bool) -> bool:
+        """All ranks learn whether any rank's step was non-finite and whether any received a
+        stop signal (one all_reduce of two ints). Sets `self.stop_signal` to the agreed signal
+        (0: none; a signal arriving later counts at the next step); returns the agreed `bad`."""
+        self.stop_signal = self.signals.received
+        if self.dist.world_size == 1:
+            return bad
+        flags = torch.tensor([int(bad), self.stop_signal], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_signal = int(flags[1])
+        return bool(flags[0])
 
     # ---- pruning event -----------------------------------------------------------------
     def maybe_prune(self, step: int) -> list | None:
@@ -239,6 +421,14 @@ class Trainer:
                     t.copy_(buf)
                 else:
                     dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        # the summed statistics and the weights are the same on every rank: so is this decision
+        bad = sorted(k for k, t in self.pruner.stats().items() if not bool(torch.isfinite(t).all()))
+        if bad or not self._weights_finite():
+            what = f"statistics {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}" if bad else "weights"
+            self.pruner.criterion.reset()           # the next event decides on fresh statistics
+            self.log.event("prune_skipped", step, reason=f"non-finite {what}")
+            self.log.say(f"warning: pruning event at step {step} skipped: non-finite {what}")
+            return None
         before = param_count(self.model)
         report = self.engine.rebuild_around(self.pruner.prune)
         after = param_count(self.model)
@@ -283,14 +473,33 @@ class Trainer:
 
     # ---- checkpoint --------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
-        """Atomic checkpoint of everything needed to continue exactly (all ranks call it)."""
+        """Atomic checkpoint of everything needed to continue exactly (all ranks call it).
+
+        Non-finite weights are never saved: the run stops (EXIT_DIVERGED). A write that fails
+        for a reason the user can fix (disk full, read-only folder, quota) on any rank ends the
+        run on every rank with one line (EXIT_SAVE_FAILED); the half-written folder is removed
+        and `latest` stays on the previous checkpoint."""
         if step == self.last_saved:
             return
-        if self.dist.is_main:
-            ckpt.begin(self.run_dir, step)
-        self._barrier()
+        if not self._weights_finite():
+            self._stop(EXIT_DIVERGED, f"error: the weights are not finite after step {step}; no "
+                       f"checkpoint written; {self._kept()}")
         tmp = ckpt.tmp_dir_for(self.run_dir, step)
-        self.engine.save_checkpoint(str(tmp), ckpt.DS_TAG)
+        with self._saving(step):
+            if self.dist.is_main:
+                ckpt.begin(self.run_dir, step)
+        with self._saving(step, inside_deepspeed=True):
+            self.engine.save_checkpoint(str(tmp), ckpt.DS_TAG)
+        with self._saving(step):
+            self._write_own_files(step, tmp)
+        with self._saving(step):
+            if self.dist.is_main:
+                final = ckpt.publish(self.run_dir, step, keep=self.cfg.train.keep_checkpoints)
+                self.log.event("checkpoint", step, path=str(final.relative_to(self.run_dir)))
+        self.last_saved = step
+
+    def _write_own_files(self, step: int, tmp: Path) -> None:
+        """This rank's state file; on the main rank also meta.json and the example batch."""
         ckpt.write_rank_state(tmp, self.dist.rank, {
             "step": step, "rng": ckpt.rng_state(), "data": self.stream.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None})
@@ -302,16 +511,72 @@ class Trainer:
                 "zero_stage": self.cfg.deepspeed.zero_stage, "params": param_count(self.model),
                 "initial_params": self.initial_params, "widths": self.widths(),
                 "pruner_state": "rank<R>.pt" if self.pruner is not None else None,
-                "tokenizer": self.data.meta.get("tokenizer")})
+                "tokenizer": self.data.meta.get("tokenizer"),
+                "nonfinite_skipped": self.nonfinite_skipped})
             from secateur.trainer.export import EXAMPLE_FILE, save_example
 
             save_example(self.example_x, tmp / EXAMPLE_FILE)
-        self._barrier()
+
+    @contextlib.contextmanager
+    def _saving(self, step: int, inside_deepspeed: bool = False):
+        """One phase of a checkpoint write, ended by all ranks agreeing that it succeeded (this
+        replaces a barrier). A write failure the user can fix (`_write_failure`) on any rank
+        removes the temp folder and stops every rank with one line; other errors propagate."""
+        failure = None
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            failure = _write_failure(err)
+            if failure is None:
+                raise
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(self.run_dir).free
+                failure += f"; {free / 2**20:.1f} MiB free where the run is"
+            if inside_deepspeed and self.dist.world_size > 1:
+                dist.barrier()         # DeepSpeed's closing barrier, which the other ranks are in
+        failure = self._agree_failure(failure)
+        if failure is not None:
+            if self.dist.is_main:
+                ckpt.discard(self.run_dir, step)
+            self._stop(EXIT_SAVE_FAILED, f"error: could not write the checkpoint of step {step}: "
+                       f"{failure}; {self._kept()}; free space or fix the folder, then continue "
+                       f"with: secateur resume {self.run_dir}")
+
+    def _agree_failure(self, failure: str | None) -> str | None:
+        """Every rank learns the first failing rank's reason (None: all ranks succeeded)."""
+        if self.dist.world_size == 1:
+            return failure
+        flag = torch.tensor([int(failure is not None)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag):
+            return None
+        reasons: list[str | None] = [None] * self.dist.world_size
+        dist.all_gather_object(reasons, failure)
+        rank, reason = next((r, m) for r, m in enumerate(reasons) if m is not None)
+        return reason if rank == 0 else f"rank {rank}: {reason}"
+
+    def _weights_finite(self) -> bool:
+        """Whether every parameter is finite (identical on every rank for ZeRO 0-2)."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+
+    def _kept(self) -> str:
+        """Where the run can continue from, in words."""
+        if self.last_saved < 0:
+            return "no checkpoint was written before"
+        return f"{ckpt.CKPT_DIR}/latest stays at {ckpt.step_name(self.last_saved)}"
+
+    def _stop(self, code: int, message: str, every_rank: bool = False) -> None:
+        """End the run early: one line on the main rank's stderr (on every rank's with
+        `every_rank`, for failures the main rank may not see), then RunStopped(code)."""
         if self.dist.is_main:
-            final = ckpt.publish(self.run_dir, step, keep=self.cfg.train.keep_checkpoints)
-            self.log.event("checkpoint", step, path=str(final.relative_to(self.run_dir)))
-        self._barrier()
-        self.last_saved = step
+            try:
+                self.log.event("stopped", self.step, code=code, message=message)
+                self.log.close()
+            except OSError:
+                pass                   # the disk may be full: the line below still says why
+        if self.dist.is_main or every_rank:
+            print(message, file=sys.stderr, flush=True)
+        raise RunStopped(code, message)
 
     def architecture(self) -> dict[str, Any]:
         """How to rebuild the current model: `spec` (secateur's own models), or the `source` it was
@@ -330,7 +595,30 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Train until train.max_steps; returns the run summary (main rank) or {}."""
+        """Train until train.max_steps; returns the run summary (main rank) or {}.
+
+        Raises RunStopped (a SystemExit) when the run ends early: a stop signal, divergence or a
+        checkpoint that cannot be written (module docstring)."""
+        self.signals.training = True
+        try:
+            return self._train()
+        except RuntimeError as err:      # torch's DistBackendError is one
+            why = _peer_failure(err, self.cfg.train.collective_timeout_s)
+            if why is None or self.dist.world_size == 1:
+                raise
+            self._stop(EXIT_PEER_LOST, f"error: rank {self.dist.rank}: {why}; {self._kept()}; "
+                       f"continue with: secateur resume {self.run_dir}", every_rank=True)
+        except OSError as err:           # a log write on a full or read-only disk
+            why = _write_failure(err)
+            if why is None:
+                raise
+            self._stop(EXIT_SAVE_FAILED, f"error: could not write to {self.run_dir}: {why}; "
+                       f"{self._kept()}; free space or fix the folder, then continue with: "
+                       f"secateur resume {self.run_dir}")
+        finally:
+            self.signals.restore()
+
+    def _train(self) -> dict[str, Any]:
         tc = self.cfg.train
         step = self.step
         t_start = time.perf_counter()
@@ -345,6 +633,14 @@ class Trainer:
             loss = self.train_step()
             step_time = time.perf_counter() - t0
             step += 1
+            self.step = step
+            if self._step_bad and self._out_of_skips(step, loss):
+                self.log.step(step, loss, lr, params, step_time, widths)
+                what = (f"the loss is {loss}" if not math.isfinite(loss)
+                        else "a gradient is not finite")
+                self._stop(EXIT_DIVERGED, f"error: diverged at step {step}: {what}; the step's "
+                           f"update was not applied and no checkpoint written; {self._kept()} "
+                           f"(lower optimizer.lr, or let train.skip_nonfinite skip such steps)")
 
             pruned = self.maybe_prune(step)
 
@@ -357,6 +653,12 @@ class Trainer:
                     or (tc.checkpoint_interval and step % tc.checkpoint_interval == 0)
                     or step == tc.max_steps):
                 self.save_checkpoint(step)
+            if self.stop_signal and step < tc.max_steps:
+                self.save_checkpoint(step)
+                self._stop(128 + self.stop_signal,
+                           f"stopped by {signal.Signals(self.stop_signal).name} at step {step}; "
+                           f"checkpoint written ({ckpt.CKPT_DIR}/{ckpt.step_name(step)}); "
+                           f"continue with: secateur resume {self.run_dir}")
         self.step = step
         return self.summarize(time.perf_counter() - t_start)
 
@@ -383,7 +685,21 @@ class Trainer:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
+    def _out_of_skips(self, step: int, loss: float) -> bool:
+        """A step whose update was not applied (non-finite loss or gradient): True when
+        train.skip_nonfinite is used up (the run stops), else count it and say so."""
+        if self.nonfinite_skipped >= self.cfg.train.skip_nonfinite:
+            return True
+        self.nonfinite_skipped += 1
+        self.log.event("nonfinite_skipped", step, loss=loss, skipped=self.nonfinite_skipped)
+        self.log.say(f"warning: step {step}: non-finite loss or gradient (loss {loss}); update "
+                     f"skipped ({self.nonfinite_skipped} of train.skip_nonfinite "
+                     f"{self.cfg.train.skip_nonfinite})")
+        return False
+
     def close(self) -> None:
+        """Stop the data workers and the engine, close the logs, put back the signal handlers."""
+        self.signals.restore()
         if self.dist.is_main:
             self.log.close()
         self.stream.close()
