@@ -42,7 +42,7 @@ BAD = {
         "would remove every unit"),
     "agp_target_one": (
         _with(("pruning", "schedule"), {"kind": "agp", "start": 1, "end": 3, "every": 1, "target": 1.0}),
-        "target must be in [0, 1)"),
+        "target must be in (0, 1)"),
     "zero_stage_3": (_with(("deepspeed",), {"zero_stage": 3}), "ZeRO stage 3 is not supported"),
     "zero_stage_7": (_with(("deepspeed",), {"zero_stage": 7}), "zero_stage must be 0, 1 or 2"),
     "cifar10_without_files": (_with(("data",), {"dataset": "cifar10", "root": "/nonexistent/cifar"}),

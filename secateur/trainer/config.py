@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import inspect
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -181,7 +182,13 @@ class RatioRule(_Strict):
 
 class ThresholdRule(_Strict):
     """Remove every unit whose importance is below a cutoff: value * max / mean / median of the
-    layer's importances, or a z-score below value."""
+    layer's importances, or a z-score below value.
+
+    A cutoff that can lie above a layer's best unit would remove every unit on some data (the
+    pruner then keeps only `min_units` per group: a 110k-parameter model became 52), so values
+    are refused unless the best unit always survives: prop_of_max in [0, 1), prop_of_avg and
+    prop_of_med in [0, 1] (the maximum is never below the mean, nor the median), zscore <= 0
+    (the best unit's z-score is never negative)."""
 
     kind: Literal["threshold"]
     method: Literal["prop_of_max", "prop_of_avg", "prop_of_med", "zscore"]
@@ -195,8 +202,14 @@ class ThresholdRule(_Strict):
         if self.method == "prop_of_max" and not 0.0 <= self.value < 1.0:
             raise ValueError(f"prop_of_max must be in [0, 1) (a cutoff of {self.value} x max would "
                              "remove every unit)")
-        if self.method in ("prop_of_avg", "prop_of_med") and self.value < 0:
-            raise ValueError(f"{self.method} must be >= 0, got {self.value}")
+        if self.method in ("prop_of_avg", "prop_of_med") and not 0.0 <= self.value <= 1.0:
+            what = "mean" if self.method == "prop_of_avg" else "median"
+            raise ValueError(f"{self.method} must be in [0, 1], got {self.value} (a cutoff above "
+                             f"the layer's {what} would remove every unit when the scores are "
+                             "alike)")
+        if self.method == "zscore" and self.value > 0:
+            raise ValueError(f"zscore must be <= 0, got {self.value} (a cutoff above the mean "
+                             "would remove every unit of a layer whose best units are alike)")
         return self
 
 
@@ -234,8 +247,9 @@ class AGPSchedule(_Strict):
     def _valid(self) -> "AGPSchedule":
         if self.end < self.start:
             raise ValueError(f"end ({self.end}) must be >= start ({self.start})")
-        if not 0.0 <= self.target < 1.0:
-            raise ValueError(f"target must be in [0, 1), got {self.target}")
+        if not 0.0 < self.target < 1.0:
+            raise ValueError(f"target must be in (0, 1), got {self.target} (the fraction of each "
+                             "group's units removed by the end)")
         return self
 
 
@@ -410,6 +424,139 @@ def _check_data_files(d: DataConfig) -> None:
                 raise DataError(f"tokenizer: {d.tokenizer} is neither 'bpe' nor an existing folder")
 
 
+def _type_name(hint: Any) -> str:
+    """`hint` in words: "an integer", "a list of integers or null", ..."""
+    import collections.abc
+    import typing
+
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             type(None): "null", dict: "a mapping", list: "a list"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in names:
+        return names[hint]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence, set, frozenset) and args:
+        inner = _type_name(args[0])
+        for art in ("an ", "a "):
+            inner = inner.replace(art, "")
+        return f"a list of {inner.replace('integer', 'integers').replace('number', 'numbers').replace('string', 'strings')}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _typed_args(fn: Any, args: dict[str, Any], where: str, owner: str) -> dict[str, Any]:
+    """`args` checked against `fn`'s annotations (strict: no bool for a number, no number for a
+    string; a number written as text, such as YAML's `1e-3`, is read as the number). Returns
+    them with such numbers converted; arguments without a usable annotation pass unchanged.
+    Raises ConfigError (one line) naming the argument."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:         # annotations that do not evaluate here: nothing to check against
+        hints = {}
+    out = {}
+    for name, value in args.items():
+        hint = hints.get(name, Any)
+        try:
+            adapter = TypeAdapter(hint)
+        except Exception:
+            out[name] = value
+            continue
+        try:
+            out[name] = adapter.validate_python(value, strict=True)
+            continue
+        except ValidationError:
+            pass
+        try:
+            if isinstance(value, str) and set(getattr(hint, "__args__", (hint,))) & {int, float}:
+                out[name] = adapter.validate_python(value)
+                continue
+        except ValidationError:
+            pass
+        raise ConfigError(f"{where}.{name}: {owner} expects {_type_name(hint)}, got "
+                          f"{json.dumps(value) if _jsonable(value) else repr(value)}")
+    return out
+
+
+def check_criterion_args(criterion: str, args: dict[str, Any],
+                         where: str = "criterion_args") -> dict[str, Any]:
+    """Check `args` against the criterion class's constructor (secateur.pruning.criteria): every
+    name is one it takes, every value has its annotated type (numbers written as text, such as
+    YAML's `1e-3`, are read as numbers), and the criterion's own range checks pass. Returns the
+    arguments with such numbers converted. Raises ConfigError (one line)."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    from secateur.pruning.criteria import CRITERIA as CLASSES
+
+    if not isinstance(args, dict):
+        raise ConfigError(f"{where}: expected a mapping of argument names to values")
+    cls = CLASSES[criterion]
+    params = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n not in ("self", "groups") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ConfigError(f"{where}: criterion {criterion} takes no argument "
+                          f"{', '.join(repr(u) for u in unknown)} (it takes "
+                          f"{', '.join(params) if params else 'none'})")
+    out = _typed_args(cls.__init__, args, where, f"criterion {criterion}")
+    trial = dict(out)
+    if criterion == "cosep":
+        trial.setdefault("num_classes", 2)      # the pruner fills it in from the model
+    try:
+        cls([], **trial)                         # the criterion's own range checks, no groups
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {' '.join(str(err).split())}") from None
+    return out
+
+
+# DeepSpeed config keys (merged in through deepspeed.extra) whose values have one JSON type
+_DS_MAPPINGS = ("amp", "activation_checkpointing", "flops_profiler", "comms_logger", "tensorboard",
+                "wandb", "csv_monitor", "comet", "aio", "checkpoint", "data_efficiency",
+                "curriculum_learning", "compression_training", "autotuning", "elasticity",
+                "pipeline", "sparse_attention", "nebula", "data_types", "monitor_config",
+                "torch_autocast", "compile", "hybrid_engine", "eigenvalue",
+                "progressive_layer_drop", "weight_quantization", "timers")
+_DS_TYPES: dict[str, tuple[type, ...]] = {
+    **{k: (dict,) for k in _DS_MAPPINGS},
+    **{k: (bool,) for k in ("wall_clock_breakdown", "memory_breakdown", "prescale_gradients",
+                            "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+                            "dump_state", "sparse_gradients", "disable_allgather",
+                            "fp32_allreduce", "dataloader_drop_last", "disable_python_gc",
+                            "use_data_before_expert_parallelism", "check_overflow")},
+    "steps_per_print": (int,), "gradient_predivide_factor": (int, float),
+    "communication_data_type": (str,), "seq_parallel_communication_data_type": (str,),
+    "gradient_allreduce_op": (str,), "log_level": (str,),
+}
+
+
+def _check_deepspeed_extra(extra: dict[str, Any], source: str) -> None:
+    """deepspeed.extra values of a known key must have its JSON type (a section is a mapping:
+    `activation_checkpointing: true` is refused, as DeepSpeed would fail on it mid-set-up)."""
+    for key, value in extra.items():
+        want = _DS_TYPES.get(key)
+        if want is None or value is None:
+            continue
+        ok = isinstance(value, want) and not (isinstance(value, bool) and bool not in want)
+        if not ok:
+            kind = {dict: "a mapping", bool: "true or false", int: "an integer",
+                    float: "a number", str: "a string"}[want[0]]
+            raise ConfigError(f"{source}: deepspeed.extra.{key} must be {kind}, got "
+                              f"{json.dumps(value) if _jsonable(value) else repr(value)}")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def check_config(cfg: Config, source: str = "config") -> None:
     """Checks beyond the schema: the dataset is on disk, the model exists and accepts its
     arguments, the schedule fits in max_steps. Raises ConfigError (one line). (That the model runs
@@ -434,6 +581,7 @@ def check_config(cfg: Config, source: str = "config") -> None:
                 if unknown:
                     raise ConfigError(f"{source}: model.args: {cls.__name__} has no argument "
                                       f"{', '.join(repr(u) for u in unknown)}")
+            m.args = _typed_args(cls.__init__, m.args, f"{source}: model.args", cls.__name__)
         elif m.target is not None:
             fn = import_target(m.target)
             params = _signature_params(fn)
@@ -453,6 +601,9 @@ def check_config(cfg: Config, source: str = "config") -> None:
         if first > cfg.train.max_steps:
             raise ConfigError(f"{source}: pruning.schedule starts at step {first}, after "
                               f"train.max_steps ({cfg.train.max_steps})")
+        cfg.pruning.criterion_args = check_criterion_args(
+            cfg.pruning.criterion, cfg.pruning.criterion_args, f"{source}: pruning.criterion_args")
+    _check_deepspeed_extra(ds.extra, source)
     if ds.precision == "fp16" or (ds.extra.get("fp16") or {}).get("enabled"):
         import torch   # DeepSpeed's own test: a CUDA device, or a CPU whose oneDNN does fp16
 
