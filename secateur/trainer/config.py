@@ -435,7 +435,8 @@ def _type_name(hint: Any) -> str:
     if hint in names:
         return names[hint]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " or ".join(_type_name(a) for a in args)
+        parts = " or ".join(_type_name(a) for a in args).split(" or ")
+        return " or ".join(dict.fromkeys(parts))        # each alternative once
     if origin in (list, tuple, collections.abc.Sequence, set, frozenset) and args:
         inner = _type_name(args[0])
         for art in ("an ", "a "):
@@ -487,10 +488,6 @@ def check_criterion_args(criterion: str, args: dict[str, Any],
     name is one it takes, every value has its annotated type (numbers written as text, such as
     YAML's `1e-3`, are read as numbers), and the criterion's own range checks pass. Returns the
     arguments with such numbers converted. Raises ConfigError (one line)."""
-    import typing
-
-    from pydantic import TypeAdapter
-
     from secateur.pruning.criteria import CRITERIA as CLASSES
 
     if not isinstance(args, dict):

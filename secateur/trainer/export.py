@@ -88,13 +88,21 @@ def load_pruned(path: str | Path, map_location: str = "cpu") -> nn.Module:
     return model.eval()
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, str | None]:
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None,
+               overwrite: bool = False) -> tuple[Path, str | None]:
     """Export the run's latest checkpoint into OUT (default RUN_DIR/export; see the module
     docstring). Returns (OUT, note): the note says why there is no `hf/` folder for a Hugging Face
-    model whose widths do not fit its config class, else None."""
+    model whose widths do not fit its config class, else None.
+
+    OUT must be new or empty (an earlier export only with `overwrite`): anything else, a run or
+    a checkpoint folder included, is refused with a one-line CheckpointError before any work."""
     from safetensors.torch import save_file
 
     from secateur.build import freeze_source, is_hf
+    from secateur.trainer import runfolder
+
+    runfolder.check_new_folder(Path(out_dir) if out_dir is not None else Path(run_dir) / "export",
+                               "--out", source=run_dir, replaceable="export", overwrite=overwrite)
 
     path = ckpt.latest(run_dir)
     meta = ckpt.read_meta(path)

@@ -54,9 +54,10 @@ from secateur.trainer.setup import (dataset_from_config, eval_totals, example_ba
                                     loss_fn, lr_at, model_from_config, model_source, param_count,
                                     pruner_from_config, unit_widths)
 
-# files a run writes into its folder (a fresh `train` into an existing folder removes them)
-RUN_FILES = ("checkpoints", "ranks", "metrics.csv", "events.jsonl", "config.yaml", "summary.json",
-             "report.md", "plots", "export")
+# the top-level names a training run writes into its folder. secateur.trainer.runfolder records
+# them in the folder's manifest; a fresh `train --overwrite` replaces what a manifest names and
+# nothing else (report.md, plots/ and export/ are recorded by `report`/`export` when they write)
+RUN_FILES = ("checkpoints", "ranks", "metrics.csv", "events.jsonl", "config.yaml", "summary.json")
 
 
 EXIT_DIVERGED = 3          # non-finite loss, gradient or weights
@@ -283,19 +284,16 @@ class Trainer:
 
     # ---- set-up helpers ----------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
+        from secateur.trainer import runfolder
+
+        # rank 0 locks the folder; a fresh run refuses a folder holding a previous run or other
+        # files (the CLI opens it first, with --overwrite and --config, and this call returns)
+        runfolder.open_run(self.run_dir, self.dist, resume=resume)
         if resume:
             self.ckpt_path = ckpt.latest(self.run_dir)
         if self.dist.is_main:
             if resume:
                 ckpt.remove_stale_temps(self.run_dir)
-            else:
-                for name in RUN_FILES:
-                    p = self.run_dir / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
-                self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(
                 yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         self._barrier()

@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from secateur.trainer import checkpoint as ckpt
-from secateur.trainer.config import (OneshotSchedule, PruningConfig, RatioRule, ThresholdRule,
-                                     check_config, parse_config)
+from secateur.trainer.config import (ConfigError, OneshotSchedule, PruningConfig, RatioRule,
+                                     ThresholdRule, check_config, check_criterion_args,
+                                     parse_config)
 from secateur.trainer.loop import seed_everything
 from secateur.build import forward, is_hf
 from secateur.trainer.setup import (dataset_from_config, eval_totals, example_batch, example_input,
@@ -32,17 +33,26 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     calib_batches: training batches (data.batch_size each, in file order) fed through the model
     in eval mode to collect the criterion's statistics. Returns a summary dict
     (params and validation accuracy before/after, per-group widths).
+
+    `out_dir` must be new or empty, and not `run_dir` (secateur.trainer.runfolder); it is locked
+    while it is written. Bad arguments raise ConfigError (one line) before anything is written.
     """
-    if calib_batches < 1:
-        raise ValueError(f"calib_batches must be >= 1, got {calib_batches}")
     from secateur.build import construct
     from secateur.pruning import structure
+    from secateur.trainer import runfolder
 
+    for name, value in (("calib_batches", calib_batches), ("min_units", min_units),
+                        ("eval_batches", eval_batches)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    criterion_args = check_criterion_args(criterion, criterion_args or {}, "--criterion-args")
+    out = Path(out_dir)
+    runfolder.check_new_folder(out, "--out", source=run_dir)
     src = ckpt.latest(run_dir)
     meta = ckpt.read_meta(src)
     cfg = parse_config(meta["config"], f"{src}/meta.json")
     check_config(cfg, f"{src}/meta.json")
-    pcfg = PruningConfig(criterion=criterion, criterion_args=criterion_args or {}, rule=rule,
+    pcfg = PruningConfig(criterion=criterion, criterion_args=criterion_args, rule=rule,
                          schedule=OneshotSchedule(kind="oneshot", at=max(1, int(meta["step"]))),
                          min_units=min_units)
     seed_everything(seed)
@@ -82,27 +92,28 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     acc_after, params_after = accuracy(), param_count(model)
     groups = [(str(n), int(b), int(a)) for n, b, a in report]
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    new_cfg = cfg.model_copy(update={"pruning": None})
-    (out / "config.yaml").write_text(yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
-    step = int(meta["step"])
-    if meta.get("spec"):
-        arch = {"spec": model.spec()}
-    else:
-        arch = {"source": meta["source"], "structure": structure.record(pruner.groups),
-                "structure_ignored_layers": []}
-    ckpt.write_weights_checkpoint(out, step, model, {
-        **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
-        "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
-        "source": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
-                                        "calib_batches": calib_batches}},
-        example=None if meta.get("spec") else x_example)
-    summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
-               "params_before": params_before, "params_after": params_after,
-               "acc_before": acc_before, "acc_after": acc_after, "groups": groups, "seconds": seconds}
-    with open(out / "events.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "prune", "step": step, "time": time.time(), "oneshot": True,
-                            "params_before": params_before, "params_after": params_after,
-                            "groups": groups, "seconds": seconds}) + "\n")
+    runfolder.check_new_folder(out, "--out", source=run_dir)   # still new, after the work
+    with runfolder.locked(out):
+        runfolder.record(out, runfolder.run_files())      # first: the folder is secateur's run
+        new_cfg = cfg.model_copy(update={"pruning": None})
+        (out / "config.yaml").write_text(yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
+        step = int(meta["step"])
+        if meta.get("spec"):
+            arch = {"spec": model.spec()}
+        else:
+            arch = {"source": meta["source"], "structure": structure.record(pruner.groups),
+                    "structure_ignored_layers": []}
+        ckpt.write_weights_checkpoint(out, step, model, {
+            **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
+            "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
+            "source": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
+                                            "calib_batches": calib_batches}},
+            example=None if meta.get("spec") else x_example)
+        summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
+                   "params_before": params_before, "params_after": params_after,
+                   "acc_before": acc_before, "acc_after": acc_after, "groups": groups, "seconds": seconds}
+        with open(out / "events.jsonl", "a") as f:
+            f.write(json.dumps({"kind": "prune", "step": step, "time": time.time(), "oneshot": True,
+                                "params_before": params_before, "params_after": params_after,
+                                "groups": groups, "seconds": seconds}) + "\n")
     return summary
