@@ -51,7 +51,7 @@ $(CACHE)/.ds-warm: $(VENV)/.installed
 warm: $(CACHE)/.ds-warm
 
 demo: install data warm
-	$(BIN)/secateur train --config configs/quickstart.yaml --out runs/quickstart
+	$(BIN)/secateur train --config configs/quickstart.yaml --out runs/quickstart --overwrite
 
 test: install data warm
 	$(BIN)/python -m pytest -q tests

@@ -56,7 +56,7 @@ def ensure_run(config: str, run_dir: str) -> Path:
     path = REPO / run_dir
     if not (path / "checkpoints" / "latest").exists():
         print(f"{run_dir}: no checkpoint, training it from {config} (a few minutes)", flush=True)
-        secateur_cli("train", "--config", config, "--out", run_dir)
+        secateur_cli("train", "--config", config, "--out", run_dir, "--overwrite")
     return path
 
 

@@ -75,7 +75,7 @@ def iterative(config: str, run_dir: str, ft_steps: int, max_steps: int | None, l
     path = C.REPO / run_dir
     extra = ["--max-steps", str(max_steps)] if max_steps else []
     t0 = time.perf_counter()
-    C.secateur_cli("train", "--config", config, "--out", run_dir, *extra)
+    C.secateur_cli("train", "--config", config, "--out", run_dir, "--overwrite", *extra)
     trained = json.loads((path / "summary.json").read_text())
     t1 = time.perf_counter()
     C.secateur_cli("resume", run_dir, "--max-steps", str(trained["steps"] + ft_steps))

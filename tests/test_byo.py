@@ -80,7 +80,16 @@ def test_shipped_config_trains_shrinks_and_exports(name, steps, data, tmp_path):
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     prunes = [e for e in events if e["kind"] == "prune"]
     assert len(prunes) >= 2
-    assert all(e["params_after"] < e["params_before"] for e in prunes), prunes
+    assert all(e["params_after"] <= e["params_before"] for e in prunes), prunes
+    assert sum(e["params_after"] < e["params_before"] for e in prunes) >= 2, prunes   # AGP starts at 0
+    if name != "mobilenet_fmnist.yaml":      # heads and MLP neurons both shrink, in every layer
+        widths = ckpt.read_meta(ckpt.latest(run))["widths"]
+        keys = ("self_attn", "mlp") if name == "llama_kjv.yaml" else ("attention", "intermediate")
+        for kind in keys:
+            first = json.loads((run / "events.jsonl").read_text().splitlines()[0])["widths"]
+            shrunk = {n: (first[n], widths[n]) for n in widths if kind in n}
+            assert shrunk and all(b < a for a, b in shrunk.values()), (kind, shrunk)
+            assert len({b for _, b in shrunk.values()}) == 1, shrunk        # uniform
     summary = json.loads((run / "summary.json").read_text())
     assert summary["params_end"] < summary["params_start"]
     saved = yaml.safe_load((run / "config.yaml").read_text())      # the overrides are recorded
@@ -279,3 +288,12 @@ def test_two_ranks_prune_a_traced_hugging_face_model_identically(data, tmp_path)
     assert [e["step"] for e in ranks[0]] == [2, 4, 6]
     assert ranks[0] == ranks[1]                     # same widths, parameter counts and weight digests
     assert ranks[0][-1]["params"] < ranks[0][0]["params"]
+
+
+def test_a_task_that_does_not_fit_the_data_is_one_line_before_any_file(data, tmp_path):
+    sets = {**short("llama_kjv.yaml", data), "model.task": "sequence_classification"}
+    proc = secateur("train", "--config", REPO / "configs/llama_kjv.yaml", "--out", "runs/x", *_sets(sets),
+                    cwd=tmp_path)
+    assert proc.returncode == 2 and "check model.task" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -63,6 +63,23 @@ def test_structure_from_another_model_is_refused():
         structure.apply(p.groups, {name: [10_000]})
 
 
+def test_a_pooler_outside_the_transformer_blocks_is_not_mlp():
+    import transformers as T
+    from secateur.pruning.groups import unit_kinds
+    c = T.BertConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=16, num_labels=3)
+    model = T.BertForSequenceClassification(c).eval()
+    p = Pruner(model, example_input={"input_ids": IDS}, verify=False)
+    kinds = unit_kinds(model, p.groups)
+    assert kinds["bert.pooler.dense"] == "hidden"
+    assert {n for n, k in kinds.items() if k == "mlp"} == \
+        {f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)}
+    with pytest.raises(ValueError, match="no groups of kind heads"):
+        import torchvision
+        Pruner(torchvision.models.resnet18().eval(), example_input=torch.randn(1, 3, 32, 32),
+               verify=False, unit_kinds=["heads"])
+
+
 def test_unit_kinds_name_what_a_user_prunes():
     p = Pruner(_llama(), example_input={"input_ids": IDS}, verify=False)
     kinds = {g.name: unit_kind(g) for g in p.groups}

@@ -59,7 +59,13 @@ def _as_is(batch):
 
 
 def _one_thread(worker_id: int) -> None:
+    import signal
+
     torch.set_num_threads(1)  # each worker on one core instead of all of them
+    # Ctrl-C or a scheduler's SIGTERM reaches the whole process group: the workers leave stopping
+    # to the main process (it finishes the step, checkpoints, then shuts them down)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BatchStream:

@@ -233,9 +233,16 @@ def unit_kind(group: UnitGroup) -> str:
     "heads" (attention heads), "channels" (produced by a convolution), "hidden" (a stream read
     through embeddings or layer/RMS norms: a transformer's residual width), else "mlp" (neurons
     between linear layers)."""
+    from secateur.pruning.attention import attention_spec
     from secateur.pruning.layers import channelwise
     if group.qk:
         return "heads"
+    for m in group.modules:       # heads whose output projection lies outside the module (BERT)
+        spec = attention_spec(m)
+        if spec is not None:
+            projs = {id(spec.proj(c)) for c in (spec.q, spec.k, spec.v, spec.qkv) if c is not None}
+            if any(id(s.module) in projs and s.name == "weight" for s in group.producers):
+                return "heads"
     if any(isinstance(s.module, nn.modules.conv._ConvNd) for s in group.producers):
         return "channels"
     layer_norms = (nn.LayerNorm, nn.RMSNorm, nn.Embedding)
@@ -244,3 +251,28 @@ def unit_kind(group: UnitGroup) -> str:
            for s in group.producers + group.consumers + group.norms):
         return "hidden"
     return "mlp"
+
+
+def _block(name: str) -> str | None:
+    """The numbered layer a module name lies in ("model.layers.3.self_attn.q_proj" ->
+    "model.layers.3"), or None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i + 1])
+    return None
+
+
+def unit_kinds(model: nn.Module, groups: Sequence[UnitGroup]) -> dict[str, str]:
+    """`unit_kind` of every group, refined with the model's module names: in a model with attention,
+    neurons between linear layers are "mlp" only inside a transformer block (a numbered layer that
+    holds attention heads); elsewhere (a pooler before the classifier) they count as "hidden"."""
+    names = {id(m): n for n, m in model.named_modules()}
+    kinds = {g.name: unit_kind(g) for g in groups}
+    blocks = {_block(names.get(id(s.module), "")) for g in groups if kinds[g.name] == "heads"
+              for s in g.producers} - {None}
+    if blocks:
+        for g in groups:
+            if kinds[g.name] == "mlp" and _block(names.get(id(g.producers[0].module), "")) not in blocks:
+                kinds[g.name] = "hidden"
+    return kinds

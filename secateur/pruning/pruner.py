@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from secateur.pruning.criteria import CRITERIA, Criterion, make_criterion
-from secateur.pruning.groups import UNIT_KINDS, UnitGroup, build_groups, unit_kind
+from secateur.pruning.groups import UNIT_KINDS, UnitGroup, build_groups
+from secateur.pruning.groups import unit_kinds as kinds_of
 from secateur.pruning.rules import Rule, global_keep, keep_within
 from secateur.pruning.schedules import Schedule
 
@@ -88,11 +89,16 @@ class Pruner:
                 raise ValueError(f"layers: no unit group named {unknown}; groups are "
                                  f"{[g.name for g in self.groups]}")
             self.groups = [g for g in self.groups if g.name in set(layers)]
+        kinds = kinds_of(model, self.groups)
         if unit_kinds is not None:
             bad = sorted(set(unit_kinds) - set(UNIT_KINDS))
             if bad:
                 raise ValueError(f"unit_kinds: unknown kind(s) {bad}; choose from {list(UNIT_KINDS)}")
-            self.groups = [g for g in self.groups if unit_kind(g) in set(unit_kinds)]
+            found = sorted(set(kinds.values()))
+            self.groups = [g for g in self.groups if kinds[g.name] in set(unit_kinds)]
+            if not self.groups:
+                raise ValueError(f"unit_kinds: this model has no groups of kind {', '.join(unit_kinds)} "
+                                 f"(it has {', '.join(found) or 'none'})")
         if not self.groups:
             raise ValueError("model: no prunable unit groups found")
         if criterion == "cosep" and "num_classes" not in criterion_args:
@@ -100,7 +106,7 @@ class Pruner:
         self.criterion_name = criterion
         self.criterion: Criterion = make_criterion(criterion, self.groups, **criterion_args)
         self.initial = {g.name: g.size for g in self.groups}
-        self.kinds = {g.name: unit_kind(g) for g in self.groups}
+        self.kinds = {g.name: kinds[g.name] for g in self.groups}
         self.events_done = 0
         self.step: int | None = None
 

@@ -143,7 +143,7 @@ def preflight(cfg: Config, source: str = "config") -> Dataset:
     except Exception as err:
         raise ConfigError(f"{source}: model: building it failed: {type(err).__name__}: "
                           f"{' '.join(str(err).split())}") from None
-    x = example_batch(ds)
+    x, y = ds.val.batch(torch.arange(min(2, len(ds.val))))
     try:
         with torch.no_grad():
             was = model.training
@@ -157,6 +157,12 @@ def preflight(cfg: Config, source: str = "config") -> Dataset:
     if logits.shape[-1] != want:
         raise ConfigError(f"{source}: model: its output has {logits.shape[-1]} classes on the last "
                           f"axis, the data has {want} (set model.args)")
+    try:
+        loss_fn(logits, y)
+    except Exception as err:
+        hint = " (check model.task)" if cfg.model.hf is not None else ""
+        raise ConfigError(f"{source}: model: its output {tuple(logits.shape)} does not fit the data's "
+                          f"targets {tuple(y.shape)}{hint}: {' '.join(str(err).split())[:200]}") from None
     if cfg.pruning is not None and cfg.pruning.ignored_layers:
         names = dict(model.named_modules())
         bad = [n for n in cfg.pruning.ignored_layers if n not in names]
