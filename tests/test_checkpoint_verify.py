@@ -139,10 +139,20 @@ def test_when_no_checkpoint_verifies_resume_says_so_in_one_line_and_exits_2(run,
     assert all(name in lines[0] for name in STEPS)
 
 
-def test_a_checkpoint_without_a_manifest_is_accepted_with_a_warning(run, capsys):
-    (run / "checkpoints" / STEPS[-1] / ckpt.MANIFEST).unlink()
+def test_a_checkpoint_from_before_manifests_is_accepted_with_a_warning(run, capsys):
+    folder = run / "checkpoints" / STEPS[-1]
+    (folder / ckpt.MANIFEST).unlink()
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["manifest"]                         # what older versions wrote
+    (folder / "meta.json").write_text(json.dumps(meta))
     assert ckpt.latest(run).name == STEPS[-1]
     assert "has no manifest.json (written by an older secateur); using it unverified" in _one_warning(capsys)
+
+
+def test_a_deleted_manifest_is_damage_not_an_old_checkpoint(run, capsys):
+    (run / "checkpoints" / STEPS[-1] / ckpt.MANIFEST).unlink()
+    assert ckpt.latest(run).name == STEPS[-2]
+    assert "is damaged (manifest.json is missing)" in _one_warning(capsys)
 
 
 # ---- disk full / read-only while saving ---------------------------------------------------------
@@ -240,7 +250,9 @@ def test_random_damage_trials_resume_bit_identical(trained, tmp_path, capsys):
         resumed = ckpt.model_state_dict(ckpt.latest(run))
         assert all(torch.equal(resumed[k], weights[k]) for k in weights), damaged
         assert [r["step"] for r in read_metrics(run)] == list(range(1, 41)), damaged
-        assert all(ckpt.verify(run / "checkpoints" / n) is None for n in STEPS[-2:]), damaged
+        capsys.readouterr()
+        assert ckpt.latest(run).name == STEPS[-1] and ckpt.verify(ckpt.latest(run)) is None, damaged
+        assert not capsys.readouterr().err, damaged          # latest is sound again: no warning
         capsys.readouterr()
 
 

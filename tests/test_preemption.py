@@ -9,8 +9,6 @@
 - A rank that stops answering (SIGSTOP) ends the job after train.collective_timeout_s.
 - A stale torch extension build lock is removed before DeepSpeed starts; a held one is reported.
 """
-import errno
-import json
 import math
 import os
 import random
@@ -19,7 +17,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +32,8 @@ CFG = tiny_config(
     pruning={"schedule": {"kind": "iterative", "start": 20, "end": 140, "every": 30}},
     train={"max_steps": 300, "eval_interval": 50, "checkpoint_interval": 25})
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# rounds of the randomized signal trials (SECATEUR_TRIALS=10 for the counts in RESULTS.md)
+TRIALS = int(os.environ.get("SECATEUR_TRIALS", "1"))
 
 
 def _secateur(*args, env=None, **kw):
@@ -70,33 +69,43 @@ def _same_weights(a_run, b_run):
 
 
 def test_sigterm_and_sigint_checkpoint_the_step_and_resume_is_bit_identical(tmp_path):
+    """Per round (SECATEUR_TRIALS, default 1) one SIGTERM and one SIGINT run, each signalled at a
+    random step and resumed; both end as the uninterrupted run."""
     config = write_config(tmp_path / "cfg.yaml", CFG)
     full = tmp_path / "full"
-    runs = {signal.SIGTERM: tmp_path / "term", signal.SIGINT: tmp_path / "int"}
     ref = _secateur("train", "--config", str(config), "--out", str(full))
-    procs = {sig: _secateur("train", "--config", str(config), "--out", str(run)) for sig, run in runs.items()}
     rnd = random.Random(os.getpid())
-    for sig, run in runs.items():
-        at = rnd.randint(30, 150)
-        _wait_rows(run, at, [procs[sig]])
-        procs[sig].send_signal(sig)
-        _, err = procs[sig].communicate(timeout=120)
-        assert procs[sig].returncode == 128 + sig, err[-2000:]
-        step = _rows(run)
-        assert _own_lines(err) == [f"stopped by {sig.name} at step {step}; checkpoint written "
-                                   f"(checkpoints/{ckpt.step_name(step)}); continue with: "
-                                   f"secateur resume {run}"]
-        assert ckpt.latest(run).name == ckpt.step_name(step) and at <= step < 300
+    for trial in range(TRIALS):
+        runs = {signal.SIGTERM: tmp_path / f"term{trial}", signal.SIGINT: tmp_path / f"int{trial}"}
+        procs = {sig: _secateur("train", "--config", str(config), "--out", str(run))
+                 for sig, run in runs.items()}
+        ats = {sig: rnd.randint(30, 150) for sig in runs}
+        pending, deadline = set(runs), time.time() + 240
+        while pending and time.time() < deadline:           # each run signalled at its own step
+            for sig in list(pending):
+                if _rows(runs[sig]) >= ats[sig] or procs[sig].poll() is not None:
+                    procs[sig].send_signal(sig)
+                    pending.discard(sig)
+            time.sleep(0.002)
+        for sig, run in runs.items():
+            _, err = procs[sig].communicate(timeout=120)
+            assert procs[sig].returncode == 128 + sig, err[-2000:]
+            step = _rows(run)
+            assert _own_lines(err) == [f"stopped by {sig.name} at step {step}; checkpoint written "
+                                       f"(checkpoints/{ckpt.step_name(step)}); continue with: "
+                                       f"secateur resume {run}"]
+            assert ckpt.latest(run).name == ckpt.step_name(step) and ats[sig] <= step < 300
 
-    run = runs[signal.SIGTERM]              # continued like test_resume's SIGKILLed run
-    resumed = _secateur("resume", str(run))
-    _, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err[-2000:]
-    assert ref.wait(timeout=240) == 0
-    _same_weights(full, run)
-    la, lb = read_metrics(full), read_metrics(run)
-    assert [r["step"] for r in lb] == list(range(1, 301))
-    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+        resumed = [_secateur("resume", str(run)) for run in runs.values()]   # like test_resume
+        for proc in resumed:
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err[-2000:]
+        assert ref.wait(timeout=240) == 0
+        for run in runs.values():
+            _same_weights(full, run)
+            la, lb = read_metrics(full), read_metrics(run)
+            assert [r["step"] for r in lb] == list(range(1, 301))
+            assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
 def _free_port() -> int:
@@ -121,8 +130,7 @@ def _end(procs):
 
 
 def test_two_ranks_stop_together_on_one_signal_and_a_stalled_rank_times_out(tmp_path):
-    cfg = tiny_config(train={"max_steps": 2000, "eval_interval": 500, "checkpoint_interval": 500,
-                             "collective_timeout_s": 3})
+    cfg = tiny_config(train={"max_steps": 2000, "eval_interval": 500, "checkpoint_interval": 500})
     config, run = write_config(tmp_path / "cfg.yaml", cfg), tmp_path / "run"
     procs = _ranks("train", "--config", str(config), "--out", str(run))
     try:
@@ -141,8 +149,8 @@ def test_two_ranks_stop_together_on_one_signal_and_a_stalled_rank_times_out(tmp_
     assert latest.name == ckpt.step_name(step) and ckpt.read_meta(latest)["world_size"] == 2
     assert ckpt.read_rank_state(latest, 0)["step"] == ckpt.read_rank_state(latest, 1)["step"] == step
 
-    # resumed on both ranks; then rank 1 stops answering (SIGSTOP): rank 0 gives up after 3 s
-    procs = _ranks("resume", str(run))
+    # resumed on both ranks; then rank 1 stops answering (SIGSTOP): rank 0 gives up after 5 s
+    procs = _ranks("resume", str(run), "--set", "train.collective_timeout_s=5")
     try:
         _wait_rows(run, step + 20, procs)
         assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
@@ -156,7 +164,7 @@ def test_two_ranks_stop_together_on_one_signal_and_a_stalled_rank_times_out(tmp_
     assert waited < 30, f"rank 0 waited {waited:.0f} s"
     lines = _own_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: rank 0: a collective got no answer from "
-                                                   "another rank within 3 s"), err[-2000:]
+                                                   "another rank within 5 s"), err[-2000:]
 
 
 # ---- divergence (in process) -----------------------------------------------------------------

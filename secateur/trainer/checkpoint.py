@@ -24,7 +24,9 @@ manifest; when `latest` is missing, garbage, or names a checkpoint that fails (a
 truncated or deleted file), the newest checkpoint folder that verifies is used instead, with a
 one-line warning on stderr naming what was skipped. When none verifies: CheckpointError (the CLI
 prints it as one line and exits 2). Checkpoints written before manifests existed (no
-manifest.json, but a meta.json) are accepted with a one-line warning that they cannot be verified.
+manifest.json, and a meta.json without the `manifest` field that newer ones carry) are accepted
+with a one-line warning that they cannot be verified; a newer one whose manifest is gone is
+damaged.
 """
 from __future__ import annotations
 
@@ -177,7 +179,12 @@ def _verify(folder: Path) -> str | None:
     if not (folder / "meta.json").is_file():
         return "meta.json is missing"
     if not (folder / MANIFEST).is_file():
-        return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (ValueError, UnicodeDecodeError, OSError):
+            return "meta.json is unreadable"
+        # written by a version that writes manifests: the manifest was lost, not never written
+        return f"{MANIFEST} is missing" if not isinstance(meta, dict) or "manifest" in meta else None
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
@@ -198,7 +205,8 @@ def _verify(folder: Path) -> str | None:
 
 
 def is_verified(folder: Path) -> bool:
-    """True when `folder` holds a manifest (checkpoints from older versions do not)."""
+    """True when `folder` holds a manifest (checkpoints from older versions, whose meta.json has
+    no `manifest` field, do not)."""
     return (Path(folder) / MANIFEST).is_file()
 
 
@@ -218,7 +226,10 @@ def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
 
 
 def write_meta(tmp: Path, meta: dict[str, Any]) -> None:
-    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, **meta}, indent=1, default=str))
+    """meta.json of a checkpoint; it records that a manifest is written too (older versions'
+    checkpoints lack the field, and only they are accepted without one)."""
+    (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "manifest": MANIFEST, **meta},
+                                              indent=1, default=str))
 
 
 def publish(run_dir: Path, step: int, keep: int | None = None) -> Path:

@@ -11,6 +11,8 @@ process exits with its code and no traceback):
   stops at the same step: a signal seen by any rank is agreed on by all at each step's end (one
   all_reduce of two ints). Repeated signals while stopping are ignored (SIGKILL aborts at once);
   a signal during set-up, before the first step, ends the process at once (nothing to save).
+  torchrun forwards SIGTERM/SIGINT to its workers and kills them 30 s later: the step and its
+  checkpoint must fit in that time (a cluster's grace period, e.g. Slurm's KillWait, likewise).
 - a non-finite loss or gradient (EXIT_DIVERGED, 3): the step's update is not applied, no
   checkpoint is written, the last (finite) checkpoint stays latest. `train.skip_nonfinite: N`
   skips up to N such steps first (counted over the whole run). Checkpoints of non-finite weights
@@ -19,7 +21,8 @@ process exits with its code and no traceback):
   the half-written folder is removed and `latest` stays on the previous checkpoint.
 - a collective that does not complete within `train.collective_timeout_s` (a rank stopped
   answering), or another rank that ended (EXIT_PEER_LOST, 5): one line from each rank that sees
-  it, instead of waiting forever. Under NCCL, torch's watchdog may end the process first.
+  it, instead of waiting forever. Under NCCL, torch's watchdog may end the process first. The
+  timeout applies from the first step on; set-up keeps torch's default (30 minutes).
 """
 from __future__ import annotations
 
@@ -213,7 +216,6 @@ class Trainer:
         self._step_bad = False              # the last train_step's update was not applied
         self.stop_signal = 0                # a stop signal all ranks agreed on (0: none)
         tc = cfg.train
-        _set_collective_timeout(tc.collective_timeout_s)
         if tc.threads is not None:
             torch.set_num_threads(tc.threads)
         if tc.deterministic:
@@ -250,7 +252,6 @@ class Trainer:
                                   seed=cfg.seed)
         self.engine = Engine(self.model, lambda m: make_optimizer(m, cfg.optimizer),
                              deepspeed_config(cfg, dist_info.world_size, param_count(self.model)))
-        _set_collective_timeout(tc.collective_timeout_s)   # DeepSpeed's own groups too
         seed_everything(cfg.seed + 1 + dist_info.rank)  # dropout differs per rank
         self.step = 0
         self.initial_params = param_count(self.model)
@@ -598,6 +599,9 @@ class Trainer:
         Raises RunStopped (a SystemExit) when the run ends early: a stop signal, divergence or a
         checkpoint that cannot be written (module docstring)."""
         self.signals.training = True
+        # from here on (set-up keeps torch's 30 minutes: one rank may build an op or load data
+        # for long while the others wait); DeepSpeed's own groups included
+        _set_collective_timeout(self.cfg.train.collective_timeout_s)
         try:
             return self._train()
         except RuntimeError as err:      # torch's DistBackendError is one
