@@ -362,3 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({err.filename})" if err.filename else ""
         print(f"error: could not write{where}: {err.strerror or err}", file=sys.stderr, flush=True)
         return EXIT_WRITE_FAILED
+    except KeyboardInterrupt:      # Ctrl-C before training started (the loop handles it after)
+        print("interrupted before training started; nothing was saved", file=sys.stderr, flush=True)
+        return 130
