@@ -297,3 +297,24 @@ def test_a_task_that_does_not_fit_the_data_is_one_line_before_any_file(data, tmp
     assert proc.returncode == 2 and "check model.task" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_distillation_from_a_snapshot_teacher_changes_training_and_resumes_exactly(data, tmp_path):
+    sets = {**short("llama_kjv.yaml", data), "train.deterministic": True, "train.progress": False,
+            "lr_schedule.decay_steps": 8, "train.checkpoint_interval": 1}
+    kd = {**sets, "distill": {"teacher": "snapshot", "temperature": 2.0, "weight": 0.7}}
+    cfg = REPO / "configs/llama_kjv.yaml"
+    runs = {}
+    for name, s, steps in (("plain", sets, 8), ("full", kd, 8), ("part", kd, 5)):
+        proc = secateur("train", "--config", cfg, "--out", name, "--max-steps", steps, *_sets(s), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = tmp_path / name
+    proc = secateur("resume", "part", "--max-steps", 8, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = {n: [r["loss"] for r in read_metrics(p)] for n, p in runs.items()}
+    # the teacher is taken at the first event (step 2): identical losses before, not after
+    assert losses["full"][:2] == losses["plain"][:2] and losses["full"][2:] != losses["plain"][2:]
+    assert losses["part"] == losses["full"]
+    assert (ckpt.latest(runs["full"]) / "teacher.safetensors").is_file()
+    wa, wb = ckpt.model_state_dict(ckpt.latest(runs["full"])), ckpt.model_state_dict(ckpt.latest(runs["part"]))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -341,6 +341,17 @@ class DeepSpeedConfig(_Strict):
         return v
 
 
+class DistillConfig(_Strict):
+    """Logit distillation while the model is pruned (secateur.trainer.distill): loss =
+    (1 - weight) * CE + weight * T^2 * KL(teacher || student). `teacher`: "snapshot" (a frozen copy
+    taken just before the first pruning event) or a folder (a secateur run, a `secateur export`,
+    or a Hugging Face folder for a Hugging Face model)."""
+
+    teacher: str = "snapshot"
+    temperature: Annotated[float, Field(gt=0)] = 2.0
+    weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
 class Config(_Strict):
     seed: int = 0
     model: ModelConfig
@@ -348,6 +359,7 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
     pruning: PruningConfig | None = None
+    distill: DistillConfig | None = None
     train: TrainConfig
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
@@ -591,6 +603,13 @@ def check_config(cfg: Config, source: str = "config") -> None:
             hf_config({"hf": m.hf.model_dump(), "args": m.args})
     except BuildError as err:
         raise ConfigError(f"{source}: {err}") from None
+    if cfg.distill is not None:
+        t = cfg.distill.teacher
+        if t == "snapshot" and cfg.pruning is None:
+            raise ConfigError(f"{source}: distill.teacher: a snapshot is taken at the first pruning "
+                              "event, and this run has no pruning; give a teacher folder")
+        if t != "snapshot" and not Path(t).is_dir():
+            raise ConfigError(f"{source}: distill.teacher: {t} is neither 'snapshot' nor a folder")
     ds = cfg.deepspeed
     if cfg.pruning is not None:
         sched = cfg.pruning.schedule

@@ -242,6 +242,12 @@ class Trainer:
         self.pruner = (pruner_from_config(cfg.pruning, self.model, example)
                        if cfg.pruning is not None else None)
         self.groups = None if self.own or self.pruner is None else self.pruner.groups
+        self.distiller = None
+        if cfg.distill is not None:
+            from secateur.trainer.distill import Distiller
+
+            self.distiller = Distiller(cfg.distill.teacher, cfg.distill.temperature,
+                                       cfg.distill.weight, self.source, self.device)
         if meta is not None and not self.own and meta.get("structure"):
             self._apply_structure(meta, example)
         if meta is not None and not (self.ckpt_path / ckpt.DS_TAG).is_dir():
@@ -334,6 +340,8 @@ class Trainer:
         self.step = self.last_saved = int(meta["step"])
         self.initial_params = int(meta.get("initial_params", self.initial_params))
         self.nonfinite_skipped = int(meta.get("nonfinite_skipped", 0))
+        if self.distiller is not None:
+            self.distiller.load(self.ckpt_path, meta.get("distill_teacher"), self.example_x)
 
     def _barrier(self) -> None:
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -362,7 +370,9 @@ class Trainer:
             x, y = self.next_batch()
             if self.pruner is not None and self.pruner.needs_targets:
                 self.pruner.observe_targets(y)
-            loss = loss_fn(forward(engine, x, self.hf), y)
+            logits = forward(engine, x, self.hf)
+            loss = (self.distiller.loss(logits, x, y, self.hf) if self.distiller is not None
+                    else loss_fn(logits, y))
             engine.backward(loss)
             total += loss.item()
             if i < gas - 1:
@@ -429,6 +439,9 @@ class Trainer:
             self.log.say(f"warning: pruning event at step {step} skipped: non-finite {what}")
             return None
         before = param_count(self.model)
+        if self.distiller is not None and self.distiller.spec == "snapshot" and not self.distiller.active:
+            # the teacher: the model as it is just before its first cut
+            self.distiller.snapshot(self.architecture(), self.model.state_dict(), self.example_x)
         report = self.engine.rebuild_around(self.pruner.prune)
         after = param_count(self.model)
         if self.cfg.train.verify_ranks:
@@ -511,7 +524,8 @@ class Trainer:
                 "initial_params": self.initial_params, "widths": self.widths(),
                 "pruner_state": "rank<R>.pt" if self.pruner is not None else None,
                 "tokenizer": self.data.meta.get("tokenizer"),
-                "nonfinite_skipped": self.nonfinite_skipped})
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "distill_teacher": self.distiller.save(tmp) if self.distiller is not None else None})
             from secateur.trainer.export import EXAMPLE_FILE, save_example
 
             save_example(self.example_x, tmp / EXAMPLE_FILE)
