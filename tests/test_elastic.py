@@ -119,5 +119,147 @@ def test_run_continues_on_another_number_of_ranks(saved_ranks, ranks, stage, pre
     assert sorted(p.name for p in final.glob("rank*.pt")) == [f"rank{r}.pt" for r in range(ranks)]
 
 
+def _named(engine, model):
+    """({name: whole fp32 master}, {name: whole optimizer state}) of an Engine (collective)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return ({names[p]: t for p, t in engine.full_master_params().items()},
+            {names[p]: st for p, st in engine.full_optimizer_state().items()})
+
+
+def zero3_run(out: Path) -> None:
+    """ZeRO-3 through the Engine on this rank: train with the real pruner (events at steps 10 and
+    20, each cut compared with a hand cut of the whole state before it), save at step 25, train to
+    30; then a fresh engine around the saved architecture loads the checkpoint and trains 25 -> 30
+    again; finally a ZeRO-2 engine loads the whole-tensor state file of the ZeRO-3 checkpoint."""
+    import hashlib
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from secateur.build import forward
+    from secateur.data import ShardedOrder
+    from secateur.models import build_model
+    from secateur.trainer.config import parse_config
+    from secateur.trainer.engine import (Engine, deepspeed_config, init_distributed, make_optimizer,
+                                         shutdown_distributed)
+    from secateur.trainer.setup import (dataset_from_config, example_batch, example_input, loss_fn,
+                                        model_from_config, pruner_from_config)
+
+    info = init_distributed()
+    cfg = parse_config(tiny_config(pruning={"criterion": "l2", "rule": {"kind": "ratio", "ratio": 0.25},
+                                            "schedule": {"kind": "iterative", "start": 10, "end": 20,
+                                                         "every": 10}}))
+    data = dataset_from_config(cfg)
+    torch.manual_seed(0)
+    model = model_from_config(cfg, data)
+    pruner = pruner_from_config(cfg.pruning, model, example_input(model, example_batch(data)))
+
+    def engine_for(m: nn.Module, stage: int) -> Engine:
+        ds = deepspeed_config(cfg, info.world_size)
+        ds["zero_optimization"] = {"stage": stage}
+        return Engine(m, lambda mm: make_optimizer(mm, cfg.optimizer), ds)
+
+    def batches(start: int, stop: int):
+        order = ShardedOrder(len(data.train), cfg.data.batch_size, info.rank, info.world_size, seed=1)
+        order.load_state_dict({"epoch": 0, "cursor": start * cfg.data.batch_size * info.world_size})
+        for _ in range(start, stop):
+            yield data.train.batch(order.next())
+
+    def train(engine: Engine, start: int, stop: int, events: bool = False) -> list[bool]:
+        cuts = []
+        for step, (x, y) in zip(range(start + 1, stop + 1), batches(start, stop)):
+            loss = loss_fn(forward(engine.engine, x), y)
+            engine.engine.backward(loss)
+            engine.engine.step()
+            if events and pruner.is_event(step):
+                before = _named(engine, model)
+                engine.rebuild_around(pruner.prune)
+                after = _named(engine, model)
+                cuts.append(_cut_matches(model, before, after))
+        return cuts
+
+    def digest(engine: Engine, m: nn.Module) -> str:
+        masters, optim = _named(engine, m)
+        h = hashlib.sha256()
+        for n in sorted(masters):
+            h.update(masters[n].numpy().tobytes())
+            for k in ("exp_avg", "exp_avg_sq"):
+                h.update(optim[n][k].numpy().tobytes())
+        with engine.gathered():
+            for t in m.state_dict().values():
+                h.update(t.detach().clone().numpy().tobytes())
+        return h.hexdigest()
+
+    engine = engine_for(model, 3)
+    cuts = train(engine, 0, 25, events=True)
+    spec = model.spec()
+    engine.save_checkpoint(str(out / "ckpt"), "ds")
+    train(engine, 25, 30)
+    straight = digest(engine, model)
+    everyone = [None] * info.world_size
+    dist.all_gather_object(everyone, straight)
+    engine.destroy()
+    whole_after_destroy = all(p.numel() > 0 for p in model.parameters())
+
+    torch.manual_seed(123)                          # other initial weights: all must come from disk
+    again = build_model(spec)
+    engine = engine_for(again, 3)
+    engine.load_checkpoint(str(out / "ckpt"), "ds")
+    train(engine, 25, 30)
+    resumed = digest(engine, again)
+    engine.destroy()
+
+    other = build_model(spec)
+    engine = engine_for(other, 2)
+    engine.load_full_state_file(out / "ckpt" / FULL_STATE_FILE,
+                                ckpt.model_state_dict(out / "ckpt"))
+    saved = torch.load(out / "ckpt" / FULL_STATE_FILE, weights_only=True)
+    masters, optim = _named(engine, other)
+    on_stage2 = (all(torch.equal(masters[n], t) for n, t in saved["masters"].items()) and
+                 all(torch.equal(optim[n][k], v) for n, st in saved["optimizer"].items()
+                     for k, v in st.items() if torch.is_tensor(v)))
+    engine.destroy()
+    shutdown_distributed()
+    (out / f"zero3_rank{info.rank}.json").write_text(json.dumps({
+        "cuts": cuts, "ranks_agree": len(set(everyone)) == 1, "resume_exact": resumed == straight,
+        "whole_after_destroy": whole_after_destroy, "state_file_on_stage2": on_stage2,
+        "widths": [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]}))
+
+
+def _cut_matches(model, before, after) -> bool:
+    """Every Linear's master and Adam moments after the event equal the hand cut of the state
+    before it (surviving units found from the biases' masters, distinct values)."""
+    from torch import nn
+
+    ok, keep_in = True, None
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        w, b = f"{name}.weight", f"{name}.bias"
+        keep_out = torch.tensor([int((before[0][b] == v).nonzero()[0]) for v in after[0][b]])
+        cols = keep_in if keep_in is not None else torch.arange(before[0][w].shape[1])
+        ok &= torch.equal(after[0][w], before[0][w][keep_out][:, cols])
+        ok &= torch.equal(after[0][b], before[0][b][keep_out])
+        for k in ("exp_avg", "exp_avg_sq"):
+            ok &= torch.equal(after[1][w][k], before[1][w][k][keep_out][:, cols])
+            ok &= torch.equal(after[1][b][k], before[1][b][k][keep_out])
+        keep_in = keep_out
+    return bool(ok)
+
+
+def test_zero3_events_cut_the_whole_state_ranks_agree_and_resume_is_exact(tmp_path):
+    _launch(2, __file__, "zero3", str(tmp_path))
+    results = [json.loads((tmp_path / f"zero3_rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1]
+    r = results[0]
+    assert r["cuts"] == [True, True]
+    assert r["widths"] == [18, 14, 10]               # 32 -> 24 -> 18, 24 -> 18 -> 14, classes
+    assert r["ranks_agree"] and r["resume_exact"] and r["whole_after_destroy"]
+    assert r["state_file_on_stage2"]
+
+
 if __name__ == "__main__":
-    resumed_run(Path(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[1] == "zero3":
+        zero3_run(Path(sys.argv[2]))
+    else:
+        resumed_run(Path(sys.argv[1]), int(sys.argv[2]))

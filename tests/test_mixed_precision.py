@@ -148,3 +148,33 @@ def test_mixed_precision_run_resumes_bit_identically(precision, stage, tmp_path)
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     # it learns: above chance (10 classes) and a lower loss than at the start
     assert la[-1]["eval_acc"] > 0.2 and la[-1]["loss"] < la[0]["loss"]
+
+
+def test_an_old_engine_collected_after_a_rebuild_leaves_the_new_one_intact():
+    # DeepSpeedEngine.__del__ destroys again, and a ZeRO optimizer's destroy unlinks its
+    # parameters, which by then belong to the new engine: their masters would read as zeros
+    import gc
+
+    from secateur.trainer.config import parse_config
+    from secateur.trainer.engine import (Engine, deepspeed_config, init_distributed, make_optimizer,
+                                         shutdown_distributed)
+
+    cfg = parse_config(tiny_config(deepspeed=_precision("bf16", 2)))
+    info = init_distributed()
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+        engine = Engine(model, lambda m: make_optimizer(m, cfg.optimizer),
+                        deepspeed_config(cfg, info.world_size, 100))
+        loss = engine.engine(torch.randn(cfg.data.batch_size, 8)).float().square().mean()
+        engine.engine.backward(loss)
+        engine.engine.step()
+        del loss                      # its graph would keep the old engine alive
+        before = engine.full_master_params()
+        engine.rebuild_around(lambda optimizer: None)
+        gc.collect()
+        after = engine.full_master_params()
+        assert all(torch.equal(before[p], after[p]) and after[p].abs().sum() > 0 for p in before)
+        engine.destroy()
+    finally:
+        shutdown_distributed()

@@ -324,8 +324,8 @@ class DeepSpeedConfig(_Strict):
     @classmethod
     def _supported_stage(cls, v: int) -> int:
         if v == 3:
-            raise ValueError("ZeRO stage 3 is not supported: pruning surgery needs whole "
-                             "parameters on every rank; use stage 0, 1 or 2")
+            raise ValueError("ZeRO stage 3 is not supported by the trainer yet: its parameter "
+                             "counts and checks read partitioned (empty) parameters; use stage 0, 1 or 2")
         if v not in SUPPORTED_ZERO_STAGES:
             raise ValueError(f"zero_stage must be 0, 1 or 2, got {v}")
         return v

@@ -266,6 +266,9 @@ class Engine:
     - "zero": ZeRO 1/2, any precision. Masters and state live in flat fp32 partitions, one slice
       per rank; they are gathered and written per parameter with deepspeed.utils.safe_get_full_*
       / safe_set_full_*.
+    - "zero3": ZeRO 3. As "zero", and the parameters themselves are partitioned too: an event
+      gathers them, strips what DeepSpeed attached to the parameters and modules, lets the surgery
+      cut the whole fp32 model, and partitions it again in the new engine.
     `full_master_params` and `full_optimizer_state` read them as whole tensors keyed by the model
     parameter, whatever the kind; `load_full_state` writes such tensors into the current engine.
     """
@@ -288,22 +291,72 @@ class Engine:
         self.engine = self._initialize(make_opt(model))
 
     def _initialize(self, optimizer: torch.optim.Optimizer):
+        objs = [*self.model.modules(), *self.model.parameters()]
+        before = [set(o.__dict__) for o in objs]
         engine, *_ = self._deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                 config=self.ds_config)
+        # what DeepSpeed attached to the model (ZeRO-3: partitioning methods and ds_* fields on
+        # every parameter and module), so that a rebuild can hand the next engine a plain model
+        self._ds_added = [(o, set(o.__dict__) - b) for o, b in zip(objs, before)]
         return engine
+
+    def _release(self) -> None:
+        """engine.destroy() and what it leaves behind: the forward hooks the engine put on the
+        model (they would keep the old engine and its buffers alive, and run at every forward).
+        DeepSpeedEngine.__del__ destroys again when the old engine is garbage collected, and a
+        ZeRO optimizer's destroy unlinks its parameters (p._hp_mapping = None): by then they are
+        the next engine's, which would read zeros as their masters. So the old engine's destroy
+        becomes a no-op once done."""
+        eng = self.engine
+        eng.destroy()
+        eng.destroy = lambda: None
+        for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+            handle = getattr(eng, name, None)
+            if handle is not None:
+                handle.remove()
+                setattr(eng, name, None)
+
+    def _unpartition(self, full: dict[nn.Parameter, Tensor]) -> None:
+        """After a ZeRO-3 engine is released: plain parameters holding `full`, modules without
+        DeepSpeed's fields (the next engine converts them again)."""
+        for obj, added in self._ds_added:
+            for k in added:
+                obj.__dict__.pop(k, None)
+            if isinstance(obj, nn.Module) and type(obj._parameters) is not dict:
+                # plain lookups: ZeROOrderedDict's own __getitem__ would fetch partitions
+                obj._parameters = {k: dict.__getitem__(obj._parameters, k) for k in list(obj._parameters)}
+        for p in self.model.parameters():
+            p.data = full[p]
+            p.grad = None
+
+    def gathered(self) -> Any:
+        """A context in which every parameter holds its whole value (ZeRO-3: gathered on every
+        rank, read-only; other stages: nothing to do). Collective under ZeRO-3."""
+        import contextlib
+
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        return self._deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
+    def _full_params(self) -> dict[nn.Parameter, Tensor]:
+        """Whole copies of the model's current (low-precision) parameters. Collective (ZeRO-3)."""
+        with self.gathered():
+            return {p: p.data.clone() for p in self.model.parameters()}
 
     @property
     def kind(self) -> str:
-        """Where masters and optimizer state live: "torch", "unfused" or "zero" (see the class)."""
+        """Where masters and optimizer state live: "torch", "unfused", "zero" or "zero3"."""
         opt = self.engine.optimizer
         if self.zero_stage in (1, 2) and hasattr(opt, "single_partition_of_fp32_groups"):
             return "zero"
+        if self.zero_stage == 3 and hasattr(opt, "fp32_partitioned_groups_flat"):
+            return "zero3"
         if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
             return "unfused"
         if self.zero_stage == 0 and isinstance(opt, torch.optim.Optimizer):
             return "torch"
         raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(opt).__name__}, which the "
-                           "pruning surgery cannot read (ZeRO 0-2 with a torch optimizer only)")
+                           "pruning surgery cannot read (a torch optimizer, ZeRO 0-3, only)")
 
     @property
     def param_groups(self) -> list[dict]:
@@ -323,7 +376,7 @@ class Engine:
     def full_master_params(self) -> dict[nn.Parameter, Tensor]:
         """The fp32 master value of every trainable parameter, a whole tensor (a copy).
 
-        Collective under ZeRO 1/2 (every rank must call it). In fp32 training at ZeRO 0 the
+        Collective under ZeRO 1-3 (every rank must call it). In fp32 training at ZeRO 0 the
         master is the parameter itself."""
         kind = self.kind
         if kind == "torch":
@@ -334,10 +387,16 @@ class Engine:
 
         return {p: safe_get_full_fp32_param(p).detach().clone() for p in self._trainable()}
 
+    def _fp32_flats(self) -> list[Tensor]:
+        """The flat fp32 partitions (one per parameter group) the ZeRO optimizer steps on."""
+        zopt = self.engine.optimizer
+        return list(zopt.fp32_partitioned_groups_flat if self.zero_stage == 3
+                    else zopt.single_partition_of_fp32_groups)
+
     def _zero_flat_state(self) -> tuple[list[str], dict[str, Any]]:
         """(per-element state keys, scalar state entries) of the ZeRO partitions' optimizer."""
         zopt = self.engine.optimizer
-        flat = zopt.single_partition_of_fp32_groups[0]
+        flat = self._fp32_flats()[0]
         state = zopt.optimizer.state.get(flat, {})
         per_elem = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape]
         scalars = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()
@@ -356,7 +415,7 @@ class Engine:
         """Optimizer state per model parameter, whole fp32 tensors shaped like the parameter
         (copies), scalars such as Adam's step included.
 
-        Collective under ZeRO 1/2 (every rank must call it). Parameters without state (no step
+        Collective under ZeRO 1-3 (every rank must call it). Parameters without state (no step
         taken yet) are left out.
         """
         kind = self.kind
@@ -373,7 +432,8 @@ class Engine:
         per_elem, scalars = self._zero_flat_state()
         if not per_elem:
             return {}
-        self._relink_state_views()
+        if kind == "zero":
+            self._relink_state_views()
         out = {}
         for p in self._trainable():
             out[p] = {k: safe_get_full_optimizer_state(p, k).clone() for k in per_elem}
@@ -409,9 +469,14 @@ class Engine:
 
         Every rank calls it with the same full tensors; each keeps what its partition holds."""
         kind = self.kind
-        for p, m in masters.items():
-            if p.data_ptr() != m.data_ptr():
-                p.data.copy_(m.to(p.dtype))
+        if kind == "zero3":       # partitioned: write whole values, DeepSpeed partitions them again
+            with self._deepspeed.zero.GatheredParameters(list(masters), modifier_rank=0):
+                for p, m in masters.items():
+                    p.data.copy_(m.to(p.dtype))
+        else:
+            for p, m in masters.items():
+                if p.data_ptr() != m.data_ptr():
+                    p.data.copy_(m.to(p.dtype))
         if kind == "torch":
             opt = self.engine.optimizer
             for p, st in optim.items():
@@ -441,12 +506,14 @@ class Engine:
         per_elem = [k for k, v in sample.items() if torch.is_tensor(v) and v.dim() > 0]
         scalars = {k: v for k, v in sample.items() if k not in per_elem}
         # torch optimizers create state lazily at the first step; create it now on the flat
-        # partitions, link DeepSpeed's per-parameter views into it, then fill it per parameter.
-        for flat in zopt.single_partition_of_fp32_groups:
+        # partitions, link DeepSpeed's per-parameter views into it (ZeRO 1/2), then fill it per
+        # parameter.
+        for flat in self._fp32_flats():
             st = {k: torch.zeros_like(flat) for k in per_elem}
             st.update(_clone_state(scalars))
             zopt.optimizer.state[flat] = st
-        self._relink_state_views()
+        if self.zero_stage != 3:
+            self._relink_state_views()
         for p in self._trainable():
             if p in optim:
                 for k in per_elem:
@@ -464,7 +531,10 @@ class Engine:
         masters = self.full_master_params()
         full = self.full_optimizer_state()
         extras = self._extras()
-        self.engine.destroy()
+        whole = self._full_params() if self.zero_stage == 3 else None
+        self._release()
+        if whole is not None:
+            self._unpartition(whole)
         if self.precision != "fp32":
             self.model.float()              # buffers too (exact: bf16/fp16 values fit in fp32)
         for p in self.model.parameters():
@@ -482,8 +552,12 @@ class Engine:
         return result
 
     def destroy(self) -> None:
-        """Release the DeepSpeed engine (the model stays usable)."""
-        self.engine.destroy()
+        """Release the DeepSpeed engine (the model stays usable, whole again under ZeRO-3).
+        Collective under ZeRO-3."""
+        whole = self._full_params() if self.zero_stage == 3 else None
+        self._release()
+        if whole is not None:
+            self._unpartition(whole)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -495,6 +569,15 @@ class Engine:
         which a run on another number of ranks (or ZeRO stage) resumes from. Collective."""
         self.engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
         self.save_full_state(Path(save_dir) / FULL_STATE_FILE)
+        if self.zero_stage == 3:
+            # DeepSpeed's module file holds empty placeholders for partitioned parameters; the
+            # whole weights go to model.safetensors, which checkpoint.model_state_dict reads first
+            from safetensors.torch import save_file
+
+            with self.gathered():
+                sd = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()}
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                save_file(sd, str(Path(save_dir) / "model.safetensors"))
 
     def save_full_state(self, path: Path) -> None:
         """Gather the whole masters and optimizer state (collective); rank 0 writes them to
@@ -519,11 +602,15 @@ class Engine:
             raise ValueError(f"{path} is not a {FULL_STATE_FORMAT} file")
         params = dict(self.model.named_parameters())
         if module_state is not None:
-            self.model.load_state_dict(module_state)
+            if self.zero_stage == 3:
+                with self._deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                    self.model.load_state_dict(module_state)
+            else:
+                self.model.load_state_dict(module_state)
         masters, optim = {}, {}
         for name, t in data["masters"].items():
             p = params.get(name)
-            if p is None or p.shape != t.shape:
+            if p is None or tuple(getattr(p, "ds_shape", p.shape)) != tuple(t.shape):
                 raise ValueError(f"{path}: parameter {name} does not fit the model")
             masters[p] = t.to(p.device)
         for name, st in data["optimizer"].items():

@@ -445,7 +445,8 @@ class Trainer:
         report = self.engine.rebuild_around(self.pruner.prune)
         after = param_count(self.model)
         if self.cfg.train.verify_ranks:
-            self.verify_ranks(step)
+            with self.engine.gathered():     # ZeRO-3: whole parameters to digest
+                self.verify_ranks(step)
         groups = [(str(n), int(b), int(a)) for n, b, a in report]
         self.log.event("prune", step, params_before=before, params_after=after, groups=groups,
                        seconds=time.perf_counter() - t0)
