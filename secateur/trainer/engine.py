@@ -185,6 +185,12 @@ def _quiet_deepspeed() -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch.cuda.is_available() and dist.is_initialized() and dist.get_world_size() == 1:
+        # DeepSpeed's CPU backend JIT-builds (or loads) a shared-memory all-reduce op on start; it
+        # only speeds up collectives between ranks, and one rank has none: skip the build
+        import deepspeed.comm.torch as ds_torch
+
+        ds_torch.build_shm_op = lambda: None
 
 
 def _cast_floats(x: Any, dtype: torch.dtype) -> Any:
