@@ -20,7 +20,7 @@ ORDER = [   # (file, section title)
     ("method_configs.md", "The methods during training (one run per config)"),
     ("cob.md", "Reproduction: change of basis with TSRA"),
     ("projective_cnn.md", "Reproduction: projective pruning of a CNN"),
-    ("minilm.md", "Reproduction: projective pruning of MiniLM"),
+    ("minilm.md", "The pretrained MiniLM pruned through the generic Pruner"),
     ("folding.md", "Reproduction: model folding"),
     ("cosep.md", "Reproduction: CoSeP"),
     ("equivariant.md", "Reproduction: equivariance-aware pruning"),
