@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 ORDER = [   # (file, section title)
     ("headlines.md", "Headlines"),
     ("zoo.md", "Any architecture: the model zoo beside Torch-Pruning"),
+    ("reliability.md", "Reliability: faults and bad input"),
     ("kernels.md", "Kernels"),
     ("mnistnet.md", "One-shot pruning of the pretrained MNISTNet"),
     ("perf.md", "Training-time performance and the Torch-Pruning peer"),
