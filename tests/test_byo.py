@@ -127,7 +127,7 @@ def _rows(run: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("name,steps,every", [("llama_kjv.yaml", 40, 4), ("mobilenet_fmnist.yaml", 24, 3)])
+@pytest.mark.parametrize("name,steps,every", [("llama_kjv.yaml", 24, 4), ("mobilenet_fmnist.yaml", 24, 3)])
 def test_killed_run_of_an_hf_and_a_torchvision_model_resumes_bit_for_bit(name, steps, every, data, tmp_path):
     sets = {**short(name, data), "train.deterministic": True, "train.checkpoint_interval": every,
             "train.progress": False, "pruning.schedule.end": steps // 2, "pruning.schedule.every": 4,

@@ -275,7 +275,7 @@ def test_dry_run_of_the_whole_command_passes(wheel_set, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["verdict"] == "pass" and res["meta"]["dry_run"]
     st = res["stages"]
-    assert [st[s]["status"] for s in gc.STAGES] == ["ok", "ok", "ok", "ok", "skipped"]
+    assert [st[s]["status"] for s in gc.STAGES] == ["ok"] * 5     # bf16 trains on CPU too
     # install: every wheel installed for cp312 by pip; the import check ran
     assert st["install"]["installed"] and len(st["install"]["installed"]) == st["install"]["wheels"]
     assert all(st["install"]["imports"][m]["ok"] for m in gc.REQUIRED_IMPORTS)
@@ -300,7 +300,8 @@ def test_dry_run_of_the_whole_command_passes(wheel_set, tmp_path):
     assert t["status"] == "ok" and t["engine"].endswith("DeepSpeedEngine") and t["dist"]["backend"] == "gloo"
     assert t["prune_events"] == 3 and t["steps_done"] == 30 and t["params_end"] < t["params_start"]
     assert t["windows"][0]["before_ms"] > 0 and t["windows"][0]["after_ms"] > 0
-    assert "fp16/bf16" in res["train_bf16"]["reason"]
+    tb = res["train_bf16"]                # the same run in bf16: events cut fp32 masters alike
+    assert tb["status"] == "ok" and tb["prune_events"] == 3 and tb["params_end"] < tb["params_start"]
     summary = (out / "summary.md").read_text()
     for heading in ("## Kernel tests", "## Benchmarks", "## Training (quickstart)", "step 10: before"):
         assert heading in summary

@@ -8,7 +8,8 @@ out, not of those the workers prefetched.
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+import functools
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def _as_is(batch):
     return batch
 
 
-def _one_thread(worker_id: int) -> None:
+def _one_thread(worker_id: int, extra: Callable[[], None] | None = None) -> None:
     import signal
 
     torch.set_num_threads(1)  # each worker on one core instead of all of them
@@ -66,6 +67,8 @@ def _one_thread(worker_id: int) -> None:
     # to the main process (it finishes the step, checkpoints, then shuts them down)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if extra is not None:
+        extra()
 
 
 class BatchStream:
@@ -79,13 +82,14 @@ class BatchStream:
     """
 
     def __init__(self, split: BatchSplit, order: ShardedOrder, num_workers: int = 0, seed: int = 0,
-                 prefetch_factor: int = 2) -> None:
+                 prefetch_factor: int = 2, worker_init: Callable[[], None] | None = None) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if len(split) != order.n:
             raise ValueError(f"the order covers {order.n} rows but the split has {len(split)}")
         self.split, self.order, self.seed = split, order, seed
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.worker_init = worker_init        # also run in each worker after fork
         self._it: Iterator | None = None
 
     def _start(self) -> Iterator:
@@ -94,7 +98,7 @@ class BatchStream:
             _SplitBatches(self.split), batch_size=None, sampler=_OrderSampler(self.order, self.seed),
             num_workers=self.num_workers, collate_fn=_as_is, persistent_workers=False,
             prefetch_factor=self.prefetch_factor if workers else None,
-            worker_init_fn=_one_thread if workers else None,
+            worker_init_fn=functools.partial(_one_thread, extra=self.worker_init) if workers else None,
             # DataLoader draws its workers' base seed from this, not from the global RNG
             generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)

@@ -7,8 +7,8 @@ events that shrink the model and rebuild the engine. Prints each event and the m
 before and after it; writes DIR/result.json plus the run's metrics.csv, events.jsonl,
 summary.json and config.yaml (checkpoints stay in RUN).
 
---bf16 asks for a bf16 run (deepspeed bf16); while the config validation rejects fp16/bf16 the
-stage records itself as skipped with that reason. --small (the CPU dry run): 30 steps, events
+--bf16 asks for a bf16 run (deepspeed bf16, fp32 masters cut at each event); where the config
+validation rejects it the stage records itself as skipped with that reason. --small (the CPU dry run): 30 steps, events
 at 10, 20, 30."""
 from __future__ import annotations
 

@@ -254,8 +254,10 @@ class Trainer:
             self.model.load_state_dict(ckpt.model_state_dict(self.ckpt_path))
         order = ShardedOrder(len(self.data.train), cfg.data.batch_size, dist_info.rank,
                              dist_info.world_size, seed=cfg.seed)
+        from secateur.trainer.runfolder import drop_inherited_locks
+
         self.stream = BatchStream(self.data.train, order, num_workers=cfg.data.num_workers,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, worker_init=drop_inherited_locks)
         self.engine = Engine(self.model, lambda m: make_optimizer(m, cfg.optimizer),
                              deepspeed_config(cfg, dist_info.world_size, param_count(self.model)))
         seed_everything(cfg.seed + 1 + dist_info.rank)  # dropout differs per rank

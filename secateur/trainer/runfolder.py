@@ -472,6 +472,17 @@ def release_lock(folder: str | Path) -> None:
     os.close(held.fd)
 
 
+def drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the lock descriptors inherited from the
+    parent without unlocking (the lock belongs to the parent's open file), so a SIGKILLed run
+    leaves no child holding its folder's lock while the child notices and exits."""
+    for key, held in list(_LOCKS.items()):
+        if held.pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(held.fd)
+            del _LOCKS[key]
+
+
 @contextlib.contextmanager
 def locked(folder: str | Path) -> Iterator[Path]:
     """Create `folder` if needed and hold its lock inside the block (a command that writes a new
