@@ -1,0 +1,182 @@
+"""Pruning while training vs the alternatives, on a LLaMA-architecture model trained from scratch
+on the King James Bible (configs/llama_kjv.yaml: grouped-query attention, SwiGLU, RMSNorm, a BPE
+tokenizer trained on the text). Every variant runs through `secateur train` with the same data
+order and the same number of optimizer steps; held-out perplexity is measured on verses that
+never appear in training.
+
+    python benchmarks/llama_kjv.py --steps 1200 --seeds 0 1 2        # the full table
+    python benchmarks/llama_kjv.py --steps 200 --variants dense pwt-activation-50   # a quick look
+
+Variants (targets are fractions of the transformer blocks' parameters kept; embeddings are not
+pruned):
+    dense                 no pruning (the reference)
+    small-dense-50        a dense model built at the final widths of pwt-activation-50, from scratch
+    pwt-<criterion>-<k>   heads + MLP neurons pruned while training on an AGP schedule (20%..70% of
+                          the steps) to keep k% of the block units, uniform across layers
+    end-oneshot-<k>       dense until 70% of the steps, one L2 event to k%, fine-tuned to the end
+    pwt-activation-50-kd, end-oneshot-50-kd: the same with logit distillation from a snapshot of the
+                          model taken just before the first pruning event (train.distill)
+Training FLOPs are 6 x parameters x tokens summed over the steps (parameters as logged per step).
+Writes OUT.md, OUT.json and OUT.png (perplexity vs parameters, vs training FLOPs, vs wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "llama_kjv.yaml"
+CRITERIA = ("activation", "l2", "projective", "fold")
+
+
+def variants(steps: int) -> dict[str, dict]:
+    """--set overrides of each variant (small-dense-50 is filled in from a finished run)."""
+    start, end, every = int(0.2 * steps), int(0.7 * steps), max(1, steps // 20)
+    out: dict[str, dict] = {"dense": {"pruning": None}}
+    for crit in CRITERIA:
+        for keep in (50, 30):
+            out[f"pwt-{crit}-{keep}"] = {
+                "pruning.criterion": crit, "pruning.rule.kind": "ratio", "pruning.rule.ratio": 0.0,
+                "pruning.rule.scope": "uniform", "pruning.schedule": {
+                    "kind": "agp", "start": start, "end": end, "every": every, "target": 1 - keep / 100}}
+    for keep in (50, 30):
+        out[f"end-oneshot-{keep}"] = {
+            "pruning.criterion": "l2", "pruning.rule": {"kind": "ratio", "ratio": 1 - keep / 100,
+                                                        "scope": "uniform"},
+            "pruning.schedule": {"kind": "oneshot", "at": end}}
+    kd = {"distill": {"teacher": "snapshot", "temperature": 2.0, "weight": 0.5}}
+    out["pwt-activation-50-kd"] = {**out["pwt-activation-50"], **kd}
+    out["end-oneshot-50-kd"] = {**out["end-oneshot-50"], **kd}
+    return out
+
+
+def _sets(overrides: dict) -> list[str]:
+    args = []
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={json.dumps(v)}"]
+    return args
+
+
+def run_variant(name: str, overrides: dict, steps: int, seed: int, data: Path, out_root: Path) -> dict:
+    """Train one variant (one process) and read back its numbers."""
+    run = out_root / f"{name}-s{seed}"
+    base = {"seed": seed, "data.train_files": str(data / "train.txt"), "data.val_files": str(data / "val.txt"),
+            "train.progress": False, "train.eval_interval": max(1, steps // 10), "train.eval_batches": 40}
+    cmd = [sys.executable, "-m", "secateur", "train", "--config", str(CONFIG), "--out", str(run),
+           "--max-steps", str(steps), "--overwrite", *_sets({**base, **overrides})]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        return {"variant": name, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
+    summary = json.loads((run / "summary.json").read_text())
+    from secateur.trainer.logs import read_metrics
+
+    rows = read_metrics(run)
+    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    tokens = cfg["data"]["batch_size"] * cfg["data"]["block_size"]
+    flops = sum(6 * r["params"] * tokens for r in rows)
+    evals = [(r["step"], math.exp(r["eval_loss"])) for r in rows if r["eval_loss"] is not None]
+    return {"variant": name, "seed": seed, "params_end": summary["params_end"],
+            "params_start": summary["params_start"], "ppl": evals[-1][1], "curve": evals,
+            "train_flops": flops, "wall_s": time.time() - t0, "train_s": summary["seconds"],
+            "run": str(run)}
+
+
+def final_widths(run: Path) -> dict:
+    """The Llama config overrides that build a dense model at a pruned run's final widths."""
+    from secateur.trainer import checkpoint as ckpt
+
+    meta = ckpt.read_meta(ckpt.latest(run))
+    w = meta["widths"]
+    heads = {v for k, v in w.items() if k.endswith("self_attn")}
+    mlp = {v for k, v in w.items() if "mlp" in k}
+    cfg = meta["config"]["model"]["hf"]["config"]
+    group = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    (kv,), (inter,) = heads, mlp            # uniform scope: one width per kind
+    return {"model.hf.config.num_key_value_heads": kv, "model.hf.config.num_attention_heads": kv * group,
+            "model.hf.config.intermediate_size": inter,
+            "model.hf.config.head_dim": cfg["hidden_size"] // cfg["num_attention_heads"], "pruning": None}
+
+
+def write_results(results: list[dict], out: Path, cmd: str) -> None:
+    import statistics
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        if "error" not in r:
+            by.setdefault(r["variant"], []).append(r)
+    lines = [f"# LLaMA on the KJV: pruning while training vs the alternatives",
+             "", f"Command: `{cmd}`  ", f"Machine: {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}", "",
+             "| variant | seeds | params end | perplexity (mean ± sd) | train TFLOP | train s |",
+             "|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        ppl = [r["ppl"] for r in rs]
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else float("nan")
+        lines.append(f"| {name} | {len(rs)} | {rs[0]['params_end']:,} | {statistics.mean(ppl):.2f} ± {sd:.2f} | "
+                     f"{statistics.mean(r['train_flops'] for r in rs) / 1e12:.2f} | "
+                     f"{statistics.mean(r['train_s'] for r in rs):.0f} |")
+    errors = [r for r in results if "error" in r]
+    if errors:
+        lines += ["", "Failed: " + "; ".join(f"{r['variant']} s{r['seed']}: {r['error']}" for r in errors)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for name, rs in by.items():
+        for ax, key in zip(axes, ("params_end", "train_flops", "train_s")):
+            ax.scatter([r[key] for r in rs], [r["ppl"] for r in rs], label=name, s=18)
+    for ax, label in zip(axes, ("parameters at the end", "training FLOPs", "training seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out perplexity")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", help="default: all")
+    p.add_argument("--data", default=str(REPO / "data" / "kjv"), help="written by `secateur data kjv`")
+    p.add_argument("--runs", default=str(REPO / "runs" / "bench-llama-kjv"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "llama_kjv"))
+    args = p.parse_args(argv)
+    data = Path(args.data)
+    if not (data / "train.txt").is_file():
+        from secateur.data.writers import write_kjv
+        write_kjv(str(data))
+    table = variants(args.steps)
+    names = args.variants or [*table, "small-dense-50"]
+    results = []
+    for seed in args.seeds:
+        for name in names:
+            if name == "small-dense-50":
+                src = Path(args.runs) / f"pwt-activation-50-s{seed}"
+                if not (src / "summary.json").is_file():
+                    results.append(run_variant("pwt-activation-50", table["pwt-activation-50"], args.steps,
+                                               seed, data, Path(args.runs)))
+                overrides = final_widths(src)
+            else:
+                overrides = table[name]
+            r = run_variant(name, overrides, args.steps, seed, data, Path(args.runs))
+            print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+            results.append(r)
+    write_results(results, Path(args.out), "python benchmarks/llama_kjv.py " + " ".join(argv or sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
