@@ -173,7 +173,7 @@ def _readme_blocks() -> tuple[str, str]:
     return py, yml
 
 
-def test_readme_example_runs_as_written(data, tmp_path):
+def test_readme_example_runs_as_written(data, tmp_path, monkeypatch):
     py, yml = _readme_blocks()
     (tmp_path / "nets.py").write_text(py)
     cfg = yaml.safe_load(yml)
@@ -190,6 +190,15 @@ def test_readme_example_runs_as_written(data, tmp_path):
     assert yaml.safe_load((tmp_path / "runs/mine/config.yaml").read_text())["optimizer"]["lr"] == 3e-3
     assert secateur("resume", "runs/mine", "--max-steps", 8, cwd=tmp_path).returncode == 0
     assert secateur("export", "runs/mine", "--out", "exported", cwd=tmp_path).returncode == 0
+    # one-shot pruning of the traced model writes a run that loads and resumes with its new widths
+    proc = secateur("prune", "runs/mine", "--out", "runs/cut", "--criterion", "l2", "--ratio", "0.25",
+                    "--calib-batches", 1, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)                     # the target nets.py:small_net is relative
+    cut, meta = ckpt.load_model(ckpt.latest(tmp_path / "runs/cut"))
+    assert sum(p.numel() for p in cut.parameters()) == meta["params"] < \
+        json.loads((tmp_path / "runs/mine/summary.json").read_text())["params_end"]
+    assert secateur("resume", "runs/cut", "--max-steps", 9, cwd=tmp_path).returncode == 0
     load = subprocess.run([sys.executable, "-c", "import secateur, torch; m = secateur.load_pruned('exported'); "
                            "print(sum(p.numel() for p in m.parameters()), tuple(m(torch.randn(2, 1, 28, 28)).shape))"],
                           capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)

@@ -106,7 +106,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
         ckpt.write_weights_checkpoint(out, step, model, {
             **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
             "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
-            "source": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
+            "pruned_from": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
                                             "calib_batches": calib_batches}},
             example=None if meta.get("spec") else x_example)
         summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
