@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from secateur.trainer import checkpoint as ckpt
@@ -52,7 +51,6 @@ def rebuild(arch: dict[str, Any], example: Any = None, pretrained: bool = False)
     or an export's secateur.json): secateur's own models from `spec`; others built from `source`
     and cut to `structure`, traced with `example` (the example batch). Weights are not loaded."""
     from secateur.build import construct
-    from secateur.pruning import build_groups, structure
     from secateur.trainer.setup import example_input
 
     if arch.get("spec"):
@@ -64,11 +62,22 @@ def rebuild(arch: dict[str, Any], example: Any = None, pretrained: bool = False)
         return model, None
     if example is None:
         raise ckpt.CheckpointError("the structure needs an example input to trace the model with")
-    named = dict(model.named_modules())
-    groups = build_groups(model, example_input(model, example),
-                          [named[n] for n in arch.get("structure_ignored_layers", [])], verify=False)
+    return model, replay_structure(model, None, arch, example_input(model, example))
+
+
+def replay_structure(model: nn.Module, groups: list | None, arch: dict[str, Any], example: Any) -> list:
+    """Cut freshly built `model` to `arch["structure"]` (kept original units per group) through
+    `groups` (a Pruner's), or through groups traced as recorded (`structure_ignored_layers`) with
+    `example` (the model's example input). Returns the groups. Raises ValueError (one line) when
+    the structure does not belong to this model."""
+    from secateur.pruning import build_groups, structure
+
+    if groups is None:
+        named = dict(model.named_modules())
+        groups = build_groups(model, example, [named[n] for n in arch.get("structure_ignored_layers", [])],
+                              verify=False)
     structure.apply(groups, arch["structure"])
-    return model, groups
+    return groups
 
 
 def load_pruned(path: str | Path, map_location: str = "cpu") -> nn.Module:

@@ -277,14 +277,10 @@ class Trainer:
     def _apply_structure(self, meta: dict[str, Any], example: Any) -> None:
         """Cut the freshly built model to the checkpoint's recorded structure (kept original units
         per group), through the pruner's groups or, without pruning, groups traced as recorded."""
-        from secateur.pruning import build_groups, structure
+        from secateur.trainer.export import replay_structure
 
-        if self.groups is None:
-            ignored = [dict(self.model.named_modules())[n]
-                       for n in meta.get("structure_ignored_layers", [])]
-            self.groups = build_groups(self.model, example, ignored, verify=False)
         try:
-            structure.apply(self.groups, meta["structure"])
+            self.groups = replay_structure(self.model, self.groups, meta, example)
         except ValueError as err:
             raise ckpt.CheckpointError(f"{self.ckpt_path}: {err}") from None
 

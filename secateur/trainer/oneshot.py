@@ -38,6 +38,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     while it is written. Bad arguments raise ConfigError (one line) before anything is written.
     """
     from secateur.build import construct
+    from secateur.trainer.export import replay_structure
     from secateur.pruning import structure
     from secateur.trainer import runfolder
 
@@ -65,7 +66,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
         model = construct(meta["source"], pretrained=False)
         pruner = pruner_from_config(pcfg, model, example_input(model, x_example))
         if meta.get("structure"):
-            structure.apply(pruner.groups, meta["structure"])
+            replay_structure(model, pruner.groups, meta, None)
         model.load_state_dict(ckpt.model_state_dict(src))
     val_idx = torch.arange(len(ds.val))
     bs = cfg.data.eval_batch_size
