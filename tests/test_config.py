@@ -43,8 +43,7 @@ BAD = {
     "agp_target_one": (
         _with(("pruning", "schedule"), {"kind": "agp", "start": 1, "end": 3, "every": 1, "target": 1.0}),
         "target must be in (0, 1)"),
-    "zero_stage_3": (_with(("deepspeed",), {"zero_stage": 3}), "ZeRO stage 3 is not supported"),
-    "zero_stage_7": (_with(("deepspeed",), {"zero_stage": 7}), "zero_stage must be 0, 1 or 2"),
+    "zero_stage_7": (_with(("deepspeed",), {"zero_stage": 7}), "zero_stage must be 0, 1, 2 or 3"),
     "cifar10_without_files": (_with(("data",), {"dataset": "cifar10", "root": "/nonexistent/cifar"}),
                               "CIFAR-10 not found"),
     "fashion_mnist_path_missing": (_with(("data",), {"dataset": "fashion_mnist", "root": "/nonexistent/fm"}),

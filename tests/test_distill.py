@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from secateur.trainer.distill import Distiller, kd_loss
+from secateur.trainer.distill import TEACHER_FILE, Distiller, kd_loss
 
 
 def test_kd_loss_is_t_squared_kl_over_kept_positions():
@@ -49,3 +49,25 @@ def test_snapshot_teacher_is_a_frozen_equal_copy_without_hooks():
     with torch.no_grad():
         next(student.parameters()).add_(1.0)
     assert not torch.equal(d.model(x), student.eval()(x))  # the teacher stays as snapshotted
+
+
+def test_snapshot_teacher_under_zero3_holds_the_whole_weights(tmp_path):
+    """ZeRO-3 partitions the parameters (each holds an empty local tensor): the snapshot must be
+    taken from the gathered whole weights. Oracle: the same single-rank run at ZeRO stage 0."""
+    from safetensors.torch import load_file
+
+    from secateur.trainer import checkpoint as ckpt
+    from test_trainer import run_in_process, tiny_config
+
+    teachers = {}
+    for stage in (0, 3):
+        cfg = tiny_config(distill={"teacher": "snapshot", "temperature": 2.0, "weight": 0.5},
+                          deepspeed={"zero_stage": stage},
+                          train={"max_steps": 12, "checkpoint_interval": None, "eval_interval": 12})
+        run = tmp_path / f"stage{stage}"
+        run_in_process(cfg, run)
+        teachers[stage] = load_file(str(ckpt.latest(run) / TEACHER_FILE))
+    assert teachers[0].keys() == teachers[3].keys()
+    for k, t in teachers[0].items():
+        assert t.numel() > 0 and teachers[3][k].shape == t.shape, k
+        torch.testing.assert_close(teachers[3][k], t, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_agree_on_architecture_and_weights_after_each_event(stage, tmp_path):
     cfg = tiny_config(deepspeed={"zero_stage": stage},
                       train={"max_steps": 36, "checkpoint_interval": None, "eval_interval": 12})

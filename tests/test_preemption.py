@@ -179,10 +179,11 @@ def _poison_loss(monkeypatch, bad_steps):
     monkeypatch.setattr(loop, "loss_fn", loss_fn)
 
 
-def test_a_huge_learning_rate_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_huge_learning_rate_stops_the_run_and_keeps_the_last_finite_checkpoint(stage, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = tiny_config(optimizer={"name": "adamw", "lr": 1.0e4}, lr_schedule={"warmup_steps": 0},
-                      train={"max_steps": 60, "checkpoint_interval": 5})
+                      train={"max_steps": 60, "checkpoint_interval": 5}, deepspeed={"zero_stage": stage})
     with pytest.raises(RunStopped) as stop:
         run_in_process(cfg, run)
     assert stop.value.code == EXIT_DIVERGED

@@ -58,7 +58,8 @@ class Slot:
     def units(self) -> int:
         if self.orig is not None:
             return self.orig.shape[0]
-        return self.tensor.shape[self.axis] // self.block
+        t = self.tensor     # a ZeRO-3 partitioned parameter is empty; ds_shape is its whole shape
+        return tuple(getattr(t, "ds_shape", t.shape))[self.axis] // self.block
 
     @property
     def per_unit(self) -> int:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CRITERIA = ("random", "l2", "activation", "projective", "cob", "cosep", "fold")
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 class ConfigError(ValueError):
@@ -323,11 +323,8 @@ class DeepSpeedConfig(_Strict):
     @field_validator("zero_stage")
     @classmethod
     def _supported_stage(cls, v: int) -> int:
-        if v == 3:
-            raise ValueError("ZeRO stage 3 is not supported by the trainer yet: its parameter "
-                             "counts and checks read partitioned (empty) parameters; use stage 0, 1 or 2")
         if v not in SUPPORTED_ZERO_STAGES:
-            raise ValueError(f"zero_stage must be 0, 1 or 2, got {v}")
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {v}")
         return v
 
     @field_validator("extra")

@@ -503,6 +503,9 @@ class Engine:
                          optim: dict[nn.Parameter, dict[str, Any]]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        if self.zero_stage == 3:
+            safe_set_full_fp32_param = self._set_zero3_partition
+            safe_set_full_optimizer_state = self._set_zero3_partition
         for p, m in masters.items():
             safe_set_full_fp32_param(p, m)
         if not optim:
@@ -524,6 +527,23 @@ class Engine:
             if p in optim:
                 for k in per_elem:
                     safe_set_full_optimizer_state(p, optim[p][k], k)
+
+    def _set_zero3_partition(self, p: nn.Parameter, value: Tensor, key: str | None = None) -> None:
+        """Write this rank's share of the whole `value` of parameter `p` (its fp32 master, or the
+        optimizer state `key`) into the ZeRO-3 partition. DeepSpeed's own setter
+        (set_full_hp_param) reads past the end of `value` on the last rank when the parameter's
+        size is not a multiple of the number of ranks (its partition is padded); the padding is
+        written as zeros here."""
+        zopt = self.engine.optimizer
+        if not p.requires_grad:
+            return
+        part, _ = zopt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+        flat = value.reshape(-1).to(part.dtype)
+        start = part.numel() * zopt._get_param_partition_rank(p)
+        n = max(0, min(part.numel(), flat.numel() - start))
+        part.data.zero_()
+        if n:
+            part.data[:n].copy_(flat[start:start + n])
 
     # ---- rebuild ---------------------------------------------------------------------------
     def rebuild_around(self, surgery: Callable[[torch.optim.Optimizer], T]) -> T:

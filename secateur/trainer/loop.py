@@ -439,7 +439,9 @@ class Trainer:
         before = param_count(self.model)
         if self.distiller is not None and self.distiller.spec == "snapshot" and not self.distiller.active:
             # the teacher: the model as it is just before its first cut
-            self.distiller.snapshot(self.architecture(), self.model.state_dict(), self.example_x)
+            with self.engine.gathered():    # ZeRO-3: whole weights, not empty partitions
+                state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.distiller.snapshot(self.architecture(), state, self.example_x)
         report = self.engine.rebuild_around(self.pruner.prune)
         after = param_count(self.model)
         if self.cfg.train.verify_ranks:
@@ -568,8 +570,10 @@ class Trainer:
         return reason if rank == 0 else f"rank {rank}: {reason}"
 
     def _weights_finite(self) -> bool:
-        """Whether every parameter is finite (identical on every rank for ZeRO 0-2)."""
-        return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
+        """Whether every parameter is finite (identical on every rank; collective under ZeRO-3,
+        whose partitions are gathered to check whole values)."""
+        with self.engine.gathered():
+            return bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all())
 
     def _kept(self) -> str:
         """Where the run can continue from, in words."""

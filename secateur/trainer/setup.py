@@ -222,7 +222,8 @@ def unit_widths(model: nn.Module, groups: list | None = None) -> dict[str, int]:
 
 
 def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters (whole sizes: a ZeRO-3 partitioned parameter counts its ds_numel)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
 
 @torch.no_grad()
