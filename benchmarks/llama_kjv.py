@@ -4,7 +4,7 @@ tokenizer trained on the text). Every variant runs through `secateur train` with
 order and the same number of optimizer steps; held-out perplexity is measured on verses that
 never appear in training.
 
-    python benchmarks/llama_kjv.py --steps 1200 --seeds 0 1 2        # the full table
+    python benchmarks/llama_kjv.py --steps 300 --seeds 0 1 2 --jobs 2  # the table in RESULTS.md
     python benchmarks/llama_kjv.py --steps 200 --variants dense pwt-activation-50   # a quick look
 
 Variants (targets are fractions of the transformer blocks' parameters kept; embeddings are not
@@ -14,6 +14,9 @@ pruned):
     pwt-<criterion>-<k>   heads + MLP neurons pruned while training on an AGP schedule (20%..70% of
                           the steps) to keep k% of the block units, uniform across layers
     end-oneshot-<k>       dense until 70% of the steps, one L2 event to k%, fine-tuned to the end
+    end-tp-<k>            the dense run's step-70% checkpoint pruned once by Torch-Pruning (group L2
+                          magnitude, same units), fine-tuned to the end by `secateur resume`
+                          (Torch-Pruning drops the optimizer state, so the fine-tune starts fresh)
     pwt-activation-50-kd, end-oneshot-50-kd: the same with logit distillation from a snapshot of the
                           model taken just before the first pruning event (train.distill)
 Training FLOPs are 6 x parameters x tokens summed over the steps (parameters as logged per step).
@@ -39,7 +42,9 @@ CRITERIA = ("activation", "l2", "projective", "fold")
 def variants(steps: int) -> dict[str, dict]:
     """--set overrides of each variant (small-dense-50 is filled in from a finished run)."""
     start, end, every = int(0.2 * steps), int(0.7 * steps), max(1, steps // 20)
-    out: dict[str, dict] = {"dense": {"pruning": None}}
+    # the dense run keeps its step-`end` checkpoint: the Torch-Pruning variant starts from it
+    out: dict[str, dict] = {"dense": {"pruning": None, "train.checkpoint_interval": end,
+                                      "train.keep_checkpoints": 100}}
     for crit in CRITERIA:
         for keep in (50, 30):
             out[f"pwt-{crit}-{keep}"] = {
@@ -68,19 +73,68 @@ def run_variant(name: str, overrides: dict, steps: int, seed: int, data: Path, o
     """Train one variant (one process) and read back its numbers."""
     run = out_root / f"{name}-s{seed}"
     base = {"seed": seed, "data.train_files": str(data / "train.txt"), "data.val_files": str(data / "val.txt"),
-            "train.progress": False, "train.eval_interval": max(1, steps // 10), "train.eval_batches": 40}
+            "train.progress": False, "train.eval_interval": max(1, steps // 5), "train.eval_batches": 40}
     cmd = [sys.executable, "-m", "secateur", "train", "--config", str(CONFIG), "--out", str(run),
            "--max-steps", str(steps), "--overwrite", *_sets({**base, **overrides})]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if REUSE and _finished(run, steps):
+        return _read_run(name, seed, run, t0)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env())
     if proc.returncode != 0:
         return {"variant": name, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
+    return _read_run(name, seed, run, t0)
+
+
+REUSE = False     # --reuse: read runs that already finished instead of training them again
+
+
+def _finished(run: Path, steps: int) -> bool:
+    return ((run / "summary.json").is_file() and
+            json.loads((run / "summary.json").read_text()).get("steps") == steps)
+
+
+def _env() -> dict:
+    threads = os.environ.get("BENCH_THREADS")
+    return {**os.environ, "PYTHONWARNINGS": "ignore", **({"OMP_NUM_THREADS": threads} if threads else {})}
+
+
+def run_tp(name: str, keep: int, steps: int, seed: int, out_root: Path) -> dict:
+    """Torch-Pruning one-shot on the dense run's step-`end` checkpoint (its optimizer state is
+    lost, as with Torch-Pruning), then `secateur resume` fine-tunes to `steps` on the same data
+    order and schedule."""
+    from tp_llama import tp_prune_checkpoint   # benchmarks/tp_llama.py
+
+    end = int(0.7 * steps)
+    src = out_root / f"dense-s{seed}" / "checkpoints" / f"step_{end:08d}"
+    run = out_root / f"{name}-s{seed}"
+    if REUSE and _finished(run, steps):
+        return _read_run(name, seed, run, time.time())
+    if run.exists():
+        import shutil
+        shutil.rmtree(run)
+    t0 = time.time()
+    tp = tp_prune_checkpoint(src, run, keep=keep / 100)
+    cmd = [sys.executable, "-m", "secateur", "resume", str(run), "--max-steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=_env())
+    if proc.returncode != 0:
+        return {"variant": name, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
+    r = _read_run(name, seed, run, t0)
+    # the dense steps before the cut count towards this variant's compute
+    from secateur.trainer.logs import read_metrics
+    before = [row for row in read_metrics(out_root / f"dense-s{seed}") if row["step"] <= end]
+    cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
+    tokens = cfg["data"]["batch_size"] * cfg["data"]["block_size"]
+    r["train_flops"] += sum(6 * row["params"] * tokens for row in before)
+    r["train_s"] += sum(row["step_time_s"] for row in before)
+    return {**r, "tp_event_s": tp.get("seconds")}
+
+
+def _read_run(name: str, seed: int, run: Path, t0: float) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     from secateur.trainer.logs import read_metrics
 
     rows = read_metrics(run)
-    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run / "config.yaml").read_text())))
+    cfg = __import__("yaml").safe_load((run / "config.yaml").read_text())
     tokens = cfg["data"]["batch_size"] * cfg["data"]["block_size"]
     flops = sum(6 * r["params"] * tokens for r in rows)
     evals = [(r["step"], math.exp(r["eval_loss"])) for r in rows if r["eval_loss"] is not None]
@@ -146,35 +200,66 @@ def write_results(results: list[dict], out: Path, cmd: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--variants", nargs="+", help="default: all")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at once (set BENCH_THREADS "
+                   "to give each OMP_NUM_THREADS threads)")
     p.add_argument("--data", default=str(REPO / "data" / "kjv"), help="written by `secateur data kjv`")
     p.add_argument("--runs", default=str(REPO / "runs" / "bench-llama-kjv"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "llama_kjv"))
+    p.add_argument("--fresh", action="store_true", help="do not merge with OUT.json's earlier results")
+    p.add_argument("--reuse", action="store_true", help="read runs in --runs that finished with "
+                   "--steps instead of training them again")
+    p.add_argument("--core-seeds", type=int, nargs="*", default=[],
+                   help="seeds run for the core variants only (dense, pwt-activation-50, "
+                        "end-oneshot-50, small-dense-50, end-tp-50)")
     args = p.parse_args(argv)
-    data = Path(args.data)
+    global REUSE
+    REUSE = args.reuse
+    data, runs, out = Path(args.data), Path(args.runs), Path(args.out)
     if not (data / "train.txt").is_file():
         from secateur.data.writers import write_kjv
         write_kjv(str(data))
     table = variants(args.steps)
-    names = args.variants or [*table, "small-dense-50"]
-    results = []
-    for seed in args.seeds:
-        for name in names:
-            if name == "small-dense-50":
-                src = Path(args.runs) / f"pwt-activation-50-s{seed}"
-                if not (src / "summary.json").is_file():
-                    results.append(run_variant("pwt-activation-50", table["pwt-activation-50"], args.steps,
-                                               seed, data, Path(args.runs)))
-                overrides = final_widths(src)
-            else:
-                overrides = table[name]
-            r = run_variant(name, overrides, args.steps, seed, data, Path(args.runs))
-            print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
-            results.append(r)
-    write_results(results, Path(args.out), "python benchmarks/llama_kjv.py " + " ".join(argv or sys.argv[1:]))
+    dependent = {"small-dense-50": "pwt-activation-50", "end-tp-50": "dense", "end-tp-30": "dense"}
+    names = args.variants or [*table, *dependent]
+
+    def one(name: str, seed: int) -> dict:
+        try:
+            return _one(name, seed)
+        except Exception as e:   # one failed variant is reported in the table, the rest still run
+            return {"variant": name, "seed": seed, "steps": args.steps, "error": [f"{type(e).__name__}: {e}"]}
+
+    def _one(name: str, seed: int) -> dict:
+        if name.startswith("end-tp-"):
+            r = run_tp(name, int(name.rsplit("-", 1)[1]), args.steps, seed, runs)
+        else:
+            overrides = final_widths(runs / f"pwt-activation-50-s{seed}") if name == "small-dense-50" \
+                else table[name]
+            r = run_variant(name, overrides, args.steps, seed, data, runs)
+        print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
+        return {**r, "steps": args.steps}
+
+    core = ["dense", "pwt-activation-50", "end-oneshot-50", "small-dense-50", "end-tp-50"]
+    plan = [(n, s) for s in args.seeds for n in names] + [(n, s) for s in args.core_seeds for n in core]
+    first = [(n, s) for n, s in plan if n not in dependent]
+    # a dependent variant needs its source run; train the source first when it is missing
+    first += [(dependent[n], s) for n, s in plan if n in dependent
+              and (dependent[n], s) not in first and not (runs / f"{dependent[n]}-s{s}" / "summary.json").is_file()]
+    second = [(n, s) for n, s in plan if n in dependent]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda t: one(*t), first))
+        results += list(pool.map(lambda t: one(*t), second))
+    if not args.fresh and out.with_suffix(".json").is_file():   # keep earlier variants/seeds
+        done = {(r["variant"], r["seed"]) for r in results}
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        results = [r for r in earlier if (r["variant"], r["seed"]) not in done
+                   and r.get("steps") == args.steps] + results
+    write_results(results, out, "python benchmarks/llama_kjv.py " + " ".join(argv or sys.argv[1:]))
     return 0
 
 
