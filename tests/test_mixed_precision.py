@@ -129,7 +129,7 @@ def _crash_after(steps: int):
     return patch
 
 
-@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("bf16", 2), ("fp16", 2)])
+@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("bf16", 2), ("fp16", 2), ("bf16", 3)])
 def test_mixed_precision_run_resumes_bit_identically(precision, stage, tmp_path):
     if _fp16_refused_here(precision, stage):
         return
