@@ -275,7 +275,14 @@ def test_dry_run_of_the_whole_command_passes(wheel_set, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["verdict"] == "pass" and res["meta"]["dry_run"]
     st = res["stages"]
-    assert [st[s]["status"] for s in gc.STAGES] == ["ok"] * 5     # bf16 trains on CPU too
+    # bf16 trains on CPU too; fp16 where this CPU does fp16 (oneDNN), else skipped with the reason
+    cpu_fp16 = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    assert [st[s]["status"] for s in gc.STAGES] == ["ok"] * 5 + ["ok" if cpu_fp16 else "skipped"]
+    if not cpu_fp16:
+        assert "fp16 needs a CUDA GPU" in st["train_fp16"]["note"]
+    else:                                 # one fp16 step (a CPU emulates fp16 convolutions)
+        t16 = res["train_fp16"]          # with an event: the fp16 masters are cut too
+        assert t16["steps_done"] == 1 and t16["precision"] == "fp16" and t16["prune_events"] == 1
     # install: every wheel installed for cp312 by pip; the import check ran
     assert st["install"]["installed"] and len(st["install"]["installed"]) == st["install"]["wheels"]
     assert all(st["install"]["imports"][m]["ok"] for m in gc.REQUIRED_IMPORTS)
@@ -302,6 +309,9 @@ def test_dry_run_of_the_whole_command_passes(wheel_set, tmp_path):
     assert t["windows"][0]["before_ms"] > 0 and t["windows"][0]["after_ms"] > 0
     tb = res["train_bf16"]                # the same run in bf16: events cut fp32 masters alike
     assert tb["status"] == "ok" and tb["prune_events"] == 3 and tb["params_end"] < tb["params_start"]
+    import yaml
+    used = yaml.safe_load((out / "train_bf16" / "config.yaml").read_text())
+    assert tb["precision"] == "bf16" and used["deepspeed"]["precision"] == "bf16"
     summary = (out / "summary.md").read_text()
     for heading in ("## Kernel tests", "## Benchmarks", "## Training (quickstart)", "step 10: before"):
         assert heading in summary

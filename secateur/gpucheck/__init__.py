@@ -14,7 +14,9 @@ process with its own timeout, inside one overall budget (8 minutes):
              channel statistics in GB/s, Gram in TFLOP/s vs torch.matmul, the fused-statistics
              overhead on a training step, the CUDA C greedy kernel vs the torch greedy.
 - train:     the quickstart config through DeepSpeed (NCCL on a GPU) with pruning events, step
-             times before and after each event (`train.py`); a bf16 run once the config allows it.
+             times before and after each event (`train.py`).
+- train_bf16, train_fp16: the same run in bf16 and in fp16 (loss scaling); fp16 is skipped
+             with its reason where the config check refuses it (a CPU without fp16).
 
 Everything is written under DIR: results.json, summary.md and the stages' logs.
 `--allow-cpu --small` runs the same logic on a CPU with Triton's interpreter (the dry run the
@@ -23,7 +25,8 @@ anything is installed.
 """
 
 # stage name -> its own timeout (seconds); the overall budget trims later stages further
-STAGE_TIMEOUTS = {"install": 60, "tests": 140, "bench": 110, "train": 120, "train_bf16": 45}
+STAGE_TIMEOUTS = {"install": 60, "tests": 140, "bench": 100, "train": 110, "train_bf16": 45,
+                  "train_fp16": 45}
 BUDGET_S = 470            # the whole command, preflight included (the issue allows 8 minutes)
 TARGET_PYTHON = "3.12"    # the CUDA machine's python3
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")

@@ -214,7 +214,8 @@ def summary_markdown(res: dict[str, Any]) -> str:
         for k, v in (b.get("errors") or {}).items():
             out.append(f"- bench section {k} failed: {v}")
 
-    for key, title in (("train", "Training (quickstart)"), ("train_bf16", "Training (bf16)")):
+    for key, title in (("train", "Training (quickstart)"), ("train_bf16", "Training (bf16)"),
+                       ("train_fp16", "Training (fp16, loss scaling)")):
         t = res.get(key)
         if not t:
             continue

@@ -26,7 +26,7 @@ from secateur.gpucheck.wheels import sha256
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU = 0, 1, 2, 3
-STAGES = ("install", "tests", "bench", "train", "train_bf16")
+STAGES = ("install", "tests", "bench", "train", "train_bf16", "train_fp16")
 REQUIRED_IMPORTS = ("pydantic", "yaml", "tqdm", "deepspeed", "torch_pruning", "safetensors", "torch",
                     "triton", "numpy", "secateur", "secateur.kernels", "secateur.trainer.loop",
                     "secateur.trainer.engine")
@@ -380,7 +380,11 @@ class Check:
         return self._train("train", log, limit, ["--steps", str(self.args.steps)] if self.args.steps else [])
 
     def train_bf16(self, log: Path, limit: float) -> dict:
-        return self._train("train_bf16", log, limit, ["--bf16"] + ([] if self.small else ["--steps", "300"]))
+        return self._train("train_bf16", log, limit, ["--precision", "bf16"] + ([] if self.small else ["--steps", "300"]))
+
+    def train_fp16(self, log: Path, limit: float) -> dict:
+        # a CPU emulates fp16 convolutions (~7 s a step here): the dry run checks one step with an event
+        return self._train("train_fp16", log, limit, ["--precision", "fp16", "--steps", "1" if self.small else "300"])
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
