@@ -139,3 +139,26 @@ def test_round_to_wider_than_a_group_leaves_the_rule_alone_and_cuts_every_group(
     Pruner(model, "l2", Rule("ratio", 0.3), example_input=torch.randn(2, 4), round_to=32).prune()
     assert model[0].out_features == 12 and model[2].out_features == 32     # 16: rule alone; 64 -> 45 -> 32
     assert model(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_projective_scores_bert_heads_on_their_joint_query_key_rows():
+    """BERT's output projection lies outside its attention module, so its heads are traced
+    through the graph: they carry the same joint query-key rows (values play no part)."""
+    import transformers
+    from secateur.pruning import projective
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=24, max_position_embeddings=16), add_pooling_layer=False).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    at = model.encoder.layer[0].attention.self          # 4 heads of 4
+    pruner = Pruner(model, "projective", Rule("ratio", 0.5), example_input=ids, unit_kinds=["heads"])
+    (group,) = pruner.groups
+    assert group.qk and group.size == 4
+    q, k = at.query.weight.detach(), at.key.weight.detach()
+    joint = torch.stack([torch.cat([q[4 * h:4 * h + 4].reshape(-1), k[4 * h:4 * h + 4].reshape(-1)])
+                         for h in range(4)]).double()
+    torch.testing.assert_close(pruner.criterion.importance(group), projective.scores(joint, lam=1e-3))
+    with torch.no_grad():                               # values change, the scores do not
+        at.value.weight.mul_(3.0)
+    torch.testing.assert_close(pruner.criterion.importance(group), projective.scores(joint, lam=1e-3))

@@ -295,6 +295,7 @@ class _Tracer:
             groups = [g for g in (self.convert(graph, tg) for tg in tp_groups) if g is not None]
             groups += [g for g in (self.head_group(m) for m in self.attn) if g is not None]
             groups = self.merge_shared(groups)
+            _attach_qk(groups)
         finally:
             torch.nn.functional.glu = glu
             index_mapping.update_reshape_index_mapping = reshape_mapping
@@ -611,6 +612,25 @@ class _Tracer:
         mods = [m] + [spec.proj(c) for c in {s[0] for s in spec.head_slots()}]
         return UnitGroup(name=self.name(m), producers=producers, consumers=consumers,
                          act_slot=_act_slot(consumers), modules=mods, qk=qk)
+
+
+def _attach_qk(groups: list[UnitGroup]) -> None:
+    """Give head groups traced through the graph (BERT-style: the output projection lies outside
+    the attention module, so `head_group` does not build them) their joint query-key rows: the
+    unit rows of the separate query and key projections' weights (METHODS C.4)."""
+    for g in groups:
+        if g.qk:
+            continue
+        for m in g.modules:
+            spec = attention_spec(m)
+            if spec is None or spec.q is None or spec.k is None:
+                continue
+            wanted = [spec.proj(spec.q), spec.proj(spec.k)]
+            slots = [next((s for s in g.producers if s.module is w and s.name == "weight"), None)
+                     for w in wanted]
+            if all(s is not None for s in slots):
+                g.qk = [(s, s.per_unit) for s in slots]
+                break
 
 
 def _channel_shuffles(graph: Any) -> set[int]:
