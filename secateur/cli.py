@@ -203,12 +203,16 @@ def cmd_prune(args: argparse.Namespace, local_rank: int | None) -> int:
     if not isinstance(crit_args, dict):
         raise ConfigError(f"--criterion-args must be a JSON object such as '{{\"seed\": 1}}', "
                           f"got {args.criterion_args}")
+    # "heads,mlp" and "--units heads --units mlp" alike; the kinds are checked by prune_run
+    units = None if args.units is None else [u.strip() for a in args.units for u in a.split(",") if u.strip()]
     s = prune_run(args.run_dir, args.out, args.criterion, rule, calib_batches=args.calib_batches,
-                  min_units=args.min_units, criterion_args=crit_args, eval_batches=args.eval_batches)
+                  min_units=args.min_units, criterion_args=crit_args, eval_batches=args.eval_batches,
+                  unit_kinds=units)
     changed = ", ".join(f"{n} {b}->{a}" for n, b, a in s["groups"] if a != b) or "no group shrank"
     print(f"pruned {args.run_dir} with {args.criterion}: params {s['params_before']:,} -> "
           f"{s['params_after']:,} ({100 * s['params_after'] / s['params_before']:.1f}%), val acc "
-          f"{s['acc_before']:.4f} -> {s['acc_after']:.4f}\n  {changed}\n  written to {s['out']}")
+          f"{s['acc_before']:.4f} -> {s['acc_after']:.4f}, val loss {s['eval_loss_before']:.4f} -> "
+          f"{s['eval_loss_after']:.4f}\n  {changed}\n  written to {s['out']}")
     return 0
 
 
@@ -301,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--ratio", type=float, help="fraction of units to remove, in [0, 1)")
     pr.add_argument("--threshold", metavar="METHOD=VALUE",
                     help="prop_of_max|prop_of_avg|prop_of_med|zscore cutoff, e.g. prop_of_max=0.1")
-    pr.add_argument("--scope", choices=["global", "per_layer", "per_subspace"])
+    pr.add_argument("--scope", choices=["global", "per_layer", "per_subspace", "uniform"],
+                    help="where the rule applies (default per_layer); uniform: every group of one "
+                         "kind and width keeps the same count")
+    pr.add_argument("--units", action="append", metavar="KIND[,KIND]",
+                    help="prune only groups of these kinds: channels, heads, mlp, hidden "
+                         "(repeatable; default all)")
     pr.add_argument("--calib-batches", type=int, default=8,
                     help="training batches used for calibration statistics (default 8)")
     pr.add_argument("--min-units", type=int, default=1)

@@ -109,6 +109,73 @@ def test_prune_with_both_ratio_and_threshold_is_one_line_error(trained, tmp_path
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ")
 
 
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory):
+    """A tiny Hugging Face LLaMA (GQA) run whose heads and MLP neurons were already pruned once
+    while it trained, so that its checkpoint records a structure of both kinds."""
+    import random
+
+    root = tmp_path_factory.mktemp("cli-llama")
+    rng = random.Random(0)
+    words = "in the beginning god created heaven and earth light was day night waters".split()
+    for name, lines in (("train.txt", 300), ("val.txt", 40)):
+        (root / name).write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(lines)))
+    cfg = {"seed": 0,
+           "model": {"hf": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4,
+                                       "num_key_value_heads": 2, "max_position_embeddings": 64,
+                                       "tie_word_embeddings": True}},
+                     "task": "causal_lm"},
+           "data": {"dataset": "text_files", "train_files": str(root / "train.txt"),
+                    "val_files": str(root / "val.txt"), "tokenizer": "bpe", "vocab_size": 128,
+                    "block_size": 16, "batch_size": 4, "eval_batch_size": 8},
+           "optimizer": {"name": "adamw", "lr": 1e-3},
+           "pruning": {"criterion": "l2", "units": ["heads", "mlp"],
+                       "rule": {"kind": "ratio", "ratio": 0.5, "scope": "uniform"},
+                       "schedule": {"kind": "oneshot", "at": 2}},
+           "train": {"max_steps": 3, "eval_interval": 3, "eval_batches": 1, "progress": False, "threads": 1}}
+    run_in_process(cfg, root / "run")
+    return root / "run"
+
+
+def _llama_widths(model) -> dict[str, int]:
+    """{"heads": query projection rows, "mlp": gate projection rows} of every layer, read off the
+    modules themselves."""
+    return {f"{i}.{kind}": (layer.self_attn.q_proj if kind == "heads" else layer.mlp.gate_proj).out_features
+            for i, layer in enumerate(model.model.layers) for kind in ("heads", "mlp")}
+
+
+def test_prune_units_mlp_changes_only_the_mlp_widths(llama_run, tmp_path, capsys):
+    out = tmp_path / "mlp-only"
+    assert main(["prune", str(llama_run), "--criterion", "l2", "--ratio", "0.5", "--scope", "uniform",
+                 "--units", "mlp", "--out", str(out), "--calib-batches", "1", "--eval-batches", "1"]) == 0
+    assert "val loss" in capsys.readouterr().out
+    src_meta = ckpt.read_meta(ckpt.latest(llama_run))
+    src_model, _ = ckpt.load_model(ckpt.latest(llama_run))
+    new_model, meta = ckpt.load_model(ckpt.latest(out))
+    before, after = _llama_widths(src_model), _llama_widths(new_model)
+    assert before == {"0.heads": 16, "0.mlp": 32, "1.heads": 16, "1.mlp": 32}   # the training event
+    assert after == {k: w - int(0.5 * w) if k.endswith("mlp") else w for k, w in before.items()}
+    # the recorded structure agrees: head groups keep the source's units, MLP groups keep half
+    kept = meta["structure"]
+    for name, units in src_meta["structure"].items():
+        if name.endswith("self_attn"):
+            assert kept[name] == units
+        elif "mlp" in name:
+            assert len(kept[name]) == len(units) - int(0.5 * len(units))
+            assert set(kept[name]) <= set(units)
+    assert meta["oneshot"]["units"] == ["mlp"]
+
+
+def test_prune_units_with_an_unknown_kind_is_one_line_error(llama_run, tmp_path, capsys):
+    for units in ("mpl", "heads,bogus", ","):
+        rc = main(["prune", str(llama_run), "--criterion", "l2", "--ratio", "0.5", "--units", units,
+                   "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: units"), err
+        assert not (tmp_path / "x").exists()
+
+
 def test_bench_kernels_delegates_its_arguments(monkeypatch):
     seen = {}
     fake = types.ModuleType("secateur.kernels.bench")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import yaml
 
+from pydantic import ValidationError
+
 from secateur.trainer import checkpoint as ckpt
 from secateur.trainer.config import (ConfigError, OneshotSchedule, PruningConfig, RatioRule,
                                      ThresholdRule, check_config, check_criterion_args,
@@ -27,12 +29,15 @@ from secateur.trainer.setup import (dataset_from_config, eval_totals, example_ba
 def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
               rule: RatioRule | ThresholdRule, calib_batches: int = 8, min_units: int = 1,
               criterion_args: dict[str, Any] | None = None, eval_batches: int | None = None,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, unit_kinds: list[str] | None = None) -> dict[str, Any]:
     """Prune the latest checkpoint of `run_dir` once and write the result to `out_dir`.
 
     calib_batches: training batches (data.batch_size each, in file order) fed through the model
-    in eval mode to collect the criterion's statistics. Returns a summary dict
-    (params and validation accuracy before/after, per-group widths).
+    in eval mode to collect the criterion's statistics. unit_kinds: prune only groups of these
+    kinds ("channels", "heads", "mlp", "hidden"; the config's `pruning.units`), None: all.
+    Returns a summary dict: params, validation accuracy (next-token accuracy for a causal LM) and
+    mean validation loss per target (eval_loss_*; its exp is the perplexity) before/after, and
+    per-group widths (name, before, after) of the pruned groups.
 
     `out_dir` must be new or empty, and not `run_dir` (secateur.trainer.runfolder); it is locked
     while it is written. Bad arguments raise ConfigError (one line) before anything is written.
@@ -53,31 +58,47 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     meta = ckpt.read_meta(src)
     cfg = parse_config(meta["config"], f"{src}/meta.json")
     check_config(cfg, f"{src}/meta.json")
-    pcfg = PruningConfig(criterion=criterion, criterion_args=criterion_args, rule=rule,
-                         schedule=OneshotSchedule(kind="oneshot", at=max(1, int(meta["step"]))),
-                         min_units=min_units)
+    if unit_kinds is not None and not unit_kinds:
+        raise ConfigError("units: name at least one kind (channels, heads, mlp, hidden)")
+    try:
+        pcfg = PruningConfig(criterion=criterion, criterion_args=criterion_args, rule=rule,
+                             schedule=OneshotSchedule(kind="oneshot", at=max(1, int(meta["step"]))),
+                             min_units=min_units, units=unit_kinds)
+    except ValidationError as err:   # as a config's pruning.units would be refused
+        e = err.errors()[0]
+        raise ConfigError(f"{e['loc'][0]}: {e['msg']}, got {e['input']!r}") from None
     seed_everything(seed)
     ds = dataset_from_config(cfg)
     x_example = example_batch(ds)
+    replayed: dict[str, list[int]] | None = None
     if meta.get("spec"):
         model, _ = ckpt.load_model(src)
         pruner = None
+    elif unit_kinds is not None and meta.get("structure"):
+        # the recorded structure may name groups of other kinds than those pruned now: replay it
+        # through every traced group, prune the cut model, then map kept units back to originals
+        model = construct(meta["source"], pretrained=False)
+        replayed = structure.record(replay_structure(model, None, meta, example_input(model, x_example)))
+        model.load_state_dict(ckpt.model_state_dict(src))
+        pruner = None
     else:   # the original architecture, traced, cut to the recorded structure: origins stay original
         model = construct(meta["source"], pretrained=False)
-        pruner = pruner_from_config(pcfg, model, example_input(model, x_example))
+        pruner = _pruner(pcfg, model, x_example, src)
         if meta.get("structure"):
             replay_structure(model, pruner.groups, meta, None)
         model.load_state_dict(ckpt.model_state_dict(src))
     val_idx = torch.arange(len(ds.val))
     bs = cfg.data.eval_batch_size
 
-    def accuracy() -> float:
+    def evaluate() -> tuple[float, float]:
+        """(accuracy, mean loss per target) on the validation split."""
         t = eval_totals(model, ds.val, val_idx, bs, eval_batches)
-        return t[1].item() / max(t[2].item(), 1.0)
+        n = max(t[2].item(), 1.0)
+        return t[1].item() / n, t[0].item() / n
 
-    acc_before, params_before = accuracy(), param_count(model)
+    (acc_before, loss_before), params_before = evaluate(), param_count(model)
     if pruner is None:
-        pruner = pruner_from_config(pcfg, model, example_input(model, x_example))
+        pruner = _pruner(pcfg, model, x_example, src)
     t0 = time.perf_counter()
     model.eval()
     hf = is_hf(model)
@@ -90,7 +111,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
             forward(model, x, hf)
     report = pruner.prune(None)
     seconds = time.perf_counter() - t0
-    acc_after, params_after = accuracy(), param_count(model)
+    (acc_after, loss_after), params_after = evaluate(), param_count(model)
     groups = [(str(n), int(b), int(a)) for n, b, a in report]
 
     runfolder.check_new_folder(out, "--out", source=run_dir)   # still new, after the work
@@ -102,19 +123,47 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
         if meta.get("spec"):
             arch = {"spec": model.spec()}
         else:
-            arch = {"source": meta["source"], "structure": structure.record(pruner.groups),
-                    "structure_ignored_layers": []}
-        ckpt.write_weights_checkpoint(out, step, model, {
+            kept = structure.record(pruner.groups)
+            if replayed is not None:   # positions in the replayed model -> original units
+                kept = {**replayed, **{n: [replayed[n][i] for i in k] for n, k in kept.items()}}
+            arch = {"source": meta["source"], "structure": kept,
+                    "structure_ignored_layers": meta.get("structure_ignored_layers", [])
+                    if replayed is not None else []}
+        ckpt.write_weights_checkpoint(out, step, _OwnCopies(model), {  # type: ignore[arg-type]
             **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
             "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
             "pruned_from": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
-                                            "calib_batches": calib_batches}},
+                                            "calib_batches": calib_batches, "units": unit_kinds}},
             example=None if meta.get("spec") else x_example)
         summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
-                   "params_before": params_before, "params_after": params_after,
-                   "acc_before": acc_before, "acc_after": acc_after, "groups": groups, "seconds": seconds}
+                   "units": unit_kinds, "params_before": params_before, "params_after": params_after,
+                   "acc_before": acc_before, "acc_after": acc_after, "eval_loss_before": loss_before,
+                   "eval_loss_after": loss_after, "groups": groups, "seconds": seconds}
         with open(out / "events.jsonl", "a") as f:
             f.write(json.dumps({"kind": "prune", "step": step, "time": time.time(), "oneshot": True,
                                 "params_before": params_before, "params_after": params_after,
                                 "groups": groups, "seconds": seconds}) + "\n")
     return summary
+
+
+class _OwnCopies:
+    """Stands in for the model when its weights are written: safetensors refuses tensors that
+    share storage, as a LLaMA's tied input embedding and output matrix do, so every entry of the
+    state dict is handed over as its own copy (loading copies both back into the one tensor)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def _pruner(pcfg: PruningConfig, model: torch.nn.Module, x_example: Any, src: Path) -> Any:
+    """pruner_from_config, with a model that has nothing to prune (no group of the asked kinds)
+    as one line."""
+    try:
+        return pruner_from_config(pcfg, model, example_input(model, x_example))
+    except ValueError as err:
+        if str(err).startswith(("unit_kinds:", "model: no prunable")):
+            raise ConfigError(f"{src}: {err}") from None
+        raise
