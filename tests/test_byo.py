@@ -116,6 +116,14 @@ def test_shipped_config_trains_shrinks_and_exports(name, steps, data, tmp_path):
                                        rtol=0, atol=1e-5)
         assert hf.config.intermediate_size < 128
         assert (exp / "tokenizer" / "tokenizer.json").is_file()
+        # the run's tokenizer sits in hf/ too, and transformers' AutoTokenizer encodes as the run did
+        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
+        text = "In the beginning God created the heaven and the earth."
+        own = Tokenizer.from_file(str(exp / "tokenizer" / "tokenizer.json"))
+        auto = AutoTokenizer.from_pretrained(exp / "hf", local_files_only=True)
+        assert auto(text, add_special_tokens=False)["input_ids"] == own.encode(text, add_special_tokens=False).ids
+        assert auto.pad_token == "<pad>"
     if name == "minilm_kjv.yaml":     # heads pruned, hidden size kept: BertConfig cannot say that
         assert not (exp / "hf").exists() and "head" in arch["hf_note"]
 

@@ -396,7 +396,8 @@ def write_weights_checkpoint(run_dir: Path, step: int, model: nn.Module, meta: d
         from secateur.trainer.export import EXAMPLE_FILE, save_example
 
         save_example(example, tmp / EXAMPLE_FILE)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+    # each tensor its own copy: safetensors refuses shared storage (tied embeddings)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
               str(tmp / "model.safetensors"))
     write_meta(tmp, meta)
     return publish(run_dir, step)

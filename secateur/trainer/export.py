@@ -9,7 +9,8 @@ OUT/ holds:
     example_input.safetensors  the inputs the groups are traced with (models that are not secateur's)
     model.json               the spec again, for secateur's own models
     hf/                      Hugging Face models whose pruned widths fit their config class:
-                             `save_pretrained` output (AutoModel...from_pretrained loads it)
+                             `save_pretrained` output (AutoModel...from_pretrained loads it),
+                             with the run's tokenizer (AutoTokenizer.from_pretrained loads it)
     tokenizer/               the run's tokenizer, when it has one
 """
 from __future__ import annotations
@@ -154,5 +155,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None,
         else:
             dest.mkdir()
             shutil.copyfile(tok, dest / "tokenizer.json")
+        if arch.get("hf"):   # a complete Hugging Face folder: model and tokenizer side by side
+            from secateur.data.hf_text import open_tokenizer
+            open_tokenizer(tok).save_pretrained(str(out / "hf"))
     (out / "secateur.json").write_text(json.dumps(arch, indent=1))
     return out, note

@@ -129,7 +129,7 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
             arch = {"source": meta["source"], "structure": kept,
                     "structure_ignored_layers": meta.get("structure_ignored_layers", [])
                     if replayed is not None else []}
-        ckpt.write_weights_checkpoint(out, step, _OwnCopies(model), {  # type: ignore[arg-type]
+        ckpt.write_weights_checkpoint(out, step, model, {
             **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
             "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
             "pruned_from": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
@@ -144,18 +144,6 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
                                 "params_before": params_before, "params_after": params_after,
                                 "groups": groups, "seconds": seconds}) + "\n")
     return summary
-
-
-class _OwnCopies:
-    """Stands in for the model when its weights are written: safetensors refuses tensors that
-    share storage, as a LLaMA's tied input embedding and output matrix do, so every entry of the
-    state dict is handed over as its own copy (loading copies both back into the one tensor)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
 def _pruner(pcfg: PruningConfig, model: torch.nn.Module, x_example: Any, src: Path) -> Any:
