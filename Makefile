@@ -20,7 +20,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data warm demo test bench clean
+.PHONY: install data warm demo test bench bench-transformers bench-llama results clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,24 @@ test: install data warm
 bench: install data warm
 	$(BIN)/python -m pytest -q benchmarks/bench_kernels.py --benchmark-only
 	$(BIN)/secateur bench kernels --json $(CACHE)/bench_kernels.json
+
+# Transformer performance (shrink vs FLOPs, statistics overhead, torch.compile across events; about
+# 15 min), the cost of one event on a 100M-parameter LLaMA next to Torch-Pruning (about 10 min) and
+# the pretrained MiniLM pruned one-shot through the generic path.
+bench-transformers: install data warm
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/transformer_perf.py
+	$(BIN)/python benchmarks/event_cost.py
+	$(BIN)/python benchmarks/minilm_generic.py
+
+# The LLaMA-on-KJV comparison (every variant on seed 0, the core variants on seeds 1 and 2; about
+# 2 hours on 2 cores), then fold vs L2 on its dense seed-0 model (about 20 min).
+bench-llama: install data warm
+	BENCH_THREADS=1 $(BIN)/python benchmarks/llama_kjv.py --steps 300 --seeds 0 --core-seeds 1 2 --jobs 2
+	$(BIN)/python benchmarks/llama_fold_sweep.py --methods fold l2 fold-none
+
+# benchmarks/RESULTS.md from the per-topic files in benchmarks/results/
+results: install
+	$(BIN)/python benchmarks/make_results.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) runs *.egg-info
