@@ -16,7 +16,9 @@ pruned):
     end-oneshot-<k>       dense until 70% of the steps, one L2 event to k%, fine-tuned to the end
     end-tp-<k>            the dense run's step-70% checkpoint pruned once by Torch-Pruning (group L2
                           magnitude, same units), fine-tuned to the end by `secateur resume`
-                          (Torch-Pruning drops the optimizer state, so the fine-tune starts fresh)
+                          (Torch-Pruning drops the optimizer state, so the fine-tune starts fresh;
+                          the pruned run holds weights only, so its data stream restarts at the
+                          first batch: the one variant whose data order differs)
     pwt-activation-50-kd, end-oneshot-50-kd: the same with logit distillation from a snapshot of the
                           model taken just before the first pruning event (train.distill)
 Training FLOPs are 6 x parameters x tokens summed over the steps (parameters as logged per step).
@@ -175,18 +177,22 @@ def write_results(results: list[dict], out: Path, cmd: str) -> None:
     lines = [f"# LLaMA on the KJV: pruning while training vs the alternatives",
              "", f"Command: `{cmd}`  ", f"Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}", "",
-             "| variant | seeds | params end | perplexity (mean ± sd) | train TFLOP | train s |",
+             "| variant | seeds | params end | perplexity (mean ± sd over seeds) | train TFLOP | train s |",
              "|---|---|---|---|---|---|"]
     for name, rs in by.items():
         ppl = [r["ppl"] for r in rs]
         sd = statistics.stdev(ppl) if len(ppl) > 1 else float("nan")
-        lines.append(f"| {name} | {len(rs)} | {rs[0]['params_end']:,} | {statistics.mean(ppl):.2f} ± {sd:.2f} | "
+        lines.append(f"| {name} | {len(rs)} | {rs[0]['params_end']:,} | {statistics.mean(ppl):.2f}{f' ± {sd:.2f}' if len(ppl) > 1 else ''} | "
                      f"{statistics.mean(r['train_flops'] for r in rs) / 1e12:.2f} | "
                      f"{statistics.mean(r['train_s'] for r in rs):.0f} |")
     errors = [r for r in results if "error" in r]
     if errors:
         lines += ["", "Failed: " + "; ".join(f"{r['variant']} s{r['seed']}: {r['error']}" for r in errors)]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    lines += ["", "![llama_kjv](llama_kjv.png)"]
+    from _repro_common import DISCUSSION        # text below it is the author's and is kept
+    md = out.with_suffix(".md")
+    kept = md.read_text().split(DISCUSSION, 1)[1] if md.exists() and DISCUSSION in md.read_text() else "\n"
+    md.write_text("\n".join(lines) + "\n\n" + DISCUSSION + kept)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for name, rs in by.items():
         for ax, key in zip(axes, ("params_end", "train_flops", "train_s")):
