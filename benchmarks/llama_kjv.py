@@ -194,9 +194,10 @@ def write_results(results: list[dict], out: Path, cmd: str) -> None:
     kept = md.read_text().split(DISCUSSION, 1)[1] if md.exists() and DISCUSSION in md.read_text() else "\n"
     md.write_text("\n".join(lines) + "\n\n" + DISCUSSION + kept)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for name, rs in by.items():
+    for i, (name, rs) in enumerate(by.items()):   # 10 colours x 3 markers: each variant its own
         for ax, key in zip(axes, ("params_end", "train_flops", "train_s")):
-            ax.scatter([r[key] for r in rs], [r["ppl"] for r in rs], label=name, s=18)
+            ax.scatter([r[key] for r in rs], [r["ppl"] for r in rs], label=name, s=22,
+                       color=f"C{i % 10}", marker="o^s"[i // 10 % 3])
     for ax, label in zip(axes, ("parameters at the end", "training FLOPs", "training seconds")):
         ax.set_xlabel(label)
         ax.set_ylabel("held-out perplexity")
