@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -268,11 +266,10 @@ def tp_prune_checkpoint(src_ckpt: Path, out_dir: Path, keep: float) -> dict[str,
     structure read back does not reproduce Torch-Pruning's model (weights not identical, or
     logits apart by 1e-5 or more), and the run-folder errors of `secateur prune` for `out_dir`.
     """
-    import yaml
-
     from secateur.pruning import structure as structure_mod
     from secateur.trainer import checkpoint as ckpt
     from secateur.trainer import runfolder
+    from secateur.trainer.oneshot import write_pruned_run
     from secateur.trainer.config import (OneshotSchedule, PruningConfig, RatioRule, check_config,
                                          parse_config)
     from secateur.trainer.setup import dataset_from_config, example_batch, param_count
@@ -323,24 +320,10 @@ def tp_prune_checkpoint(src_ckpt: Path, out_dir: Path, keep: float) -> dict[str,
     params_after = param_count(rebuilt)
     groups_report = [(g.name, len(g.origin), len(new_structure[g.name])) for g in groups]
 
-    runfolder.check_new_folder(out, "--out", source=run_dir)   # still new, after the work
-    with runfolder.locked(out):
-        runfolder.record(out, runfolder.run_files())      # first: the folder is secateur's run
-        new_cfg = cfg.model_copy(update={"pruning": None})
-        (out / "config.yaml").write_text(yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
-        how = {"tool": "torch-pruning", "importance": "GroupMagnitudeImportance(p=2)",
-               "keep": keep, "units": ["heads", "mlp"]}
-        # safetensors refuses storage shared by the tied embedding and lm_head: one copy per entry
-        copies = SimpleNamespace(state_dict=lambda: {k: v.detach().clone()
-                                                     for k, v in rebuilt.state_dict().items()})
-        ckpt.write_weights_checkpoint(out, step, copies, {  # type: ignore[arg-type]
-            "source": meta["source"], "structure": new_structure, "structure_ignored_layers": [],
-            "config": new_cfg.model_dump(mode="json"), "step": step, "world_size": 1,
-            "params": params_after, "initial_params": meta.get("initial_params", params_before),
-            "pruned_from": str(src), "oneshot": how}, example=x_example)
-        with open(out / "events.jsonl", "a") as f:
-            f.write(json.dumps({"kind": "prune", "step": step, "time": time.time(), "oneshot": True,
-                                **how, "params_before": params_before, "params_after": params_after,
-                                "groups": groups_report, "seconds": timing["seconds"]}) + "\n")
+    how = {"tool": "torch-pruning", "importance": "GroupMagnitudeImportance(p=2)", "keep": keep,
+           "units": ["heads", "mlp"]}
+    write_pruned_run(out, run_dir, src, meta, cfg, rebuilt,
+                     {"source": meta["source"], "structure": new_structure, "structure_ignored_layers": []},
+                     how, params_before, params_after, groups_report, timing["seconds"], example=x_example)
     return {**timing, "params_before": params_before, "params_after": params_after,
             "structure": new_structure, "groups": groups_report, "max_abs_logit_diff": diff}

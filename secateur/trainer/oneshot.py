@@ -114,36 +114,52 @@ def prune_run(run_dir: str | Path, out_dir: str | Path, criterion: str,
     (acc_after, loss_after), params_after = evaluate(), param_count(model)
     groups = [(str(n), int(b), int(a)) for n, b, a in report]
 
+    if meta.get("spec"):
+        arch = {"spec": model.spec()}
+    else:
+        kept = structure.record(pruner.groups)
+        if replayed is not None:   # positions in the replayed model -> original units
+            kept = {**replayed, **{n: [replayed[n][i] for i in k] for n, k in kept.items()}}
+        arch = {"source": meta["source"], "structure": kept,
+                "structure_ignored_layers": meta.get("structure_ignored_layers", [])
+                if replayed is not None else []}
+    write_pruned_run(out, run_dir, src, meta, cfg, model, arch,
+                     {"criterion": criterion, "rule": rule.model_dump(), "calib_batches": calib_batches,
+                      "units": unit_kinds},
+                     params_before, params_after, groups, seconds,
+                     example=None if meta.get("spec") else x_example)
+    summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
+               "units": unit_kinds, "params_before": params_before, "params_after": params_after,
+               "acc_before": acc_before, "acc_after": acc_after, "eval_loss_before": loss_before,
+               "eval_loss_after": loss_after, "groups": groups, "seconds": seconds}
+    return summary
+
+
+def write_pruned_run(out: Path, run_dir: str | Path, src: Path, meta: dict[str, Any], cfg: Any,
+                     model: torch.nn.Module, arch: dict[str, Any], how: dict[str, Any],
+                     params_before: int, params_after: int, groups: list, seconds: float,
+                     example: Any = None) -> None:
+    """Write a one-shot cut of checkpoint `src` (of run `run_dir`, config `cfg`) as a new run in
+    `out`: the config without pruning, a weights checkpoint at the source's step holding `arch`
+    (`spec`, or `source` + `structure`) and `how` the cut was made (meta "oneshot"), and its event
+    in events.jsonl; `secateur resume out` then fine-tunes it (a fresh optimizer). `out` must still
+    be new (runfolder.check_new_folder) and is locked while written."""
+    from secateur.trainer import runfolder
+
     runfolder.check_new_folder(out, "--out", source=run_dir)   # still new, after the work
     with runfolder.locked(out):
         runfolder.record(out, runfolder.run_files())      # first: the folder is secateur's run
         new_cfg = cfg.model_copy(update={"pruning": None})
         (out / "config.yaml").write_text(yaml.safe_dump(new_cfg.model_dump(mode="json"), sort_keys=False))
         step = int(meta["step"])
-        if meta.get("spec"):
-            arch = {"spec": model.spec()}
-        else:
-            kept = structure.record(pruner.groups)
-            if replayed is not None:   # positions in the replayed model -> original units
-                kept = {**replayed, **{n: [replayed[n][i] for i in k] for n, k in kept.items()}}
-            arch = {"source": meta["source"], "structure": kept,
-                    "structure_ignored_layers": meta.get("structure_ignored_layers", [])
-                    if replayed is not None else []}
         ckpt.write_weights_checkpoint(out, step, model, {
             **arch, "config": new_cfg.model_dump(mode="json"), "step": step,
             "world_size": 1, "params": params_after, "initial_params": meta.get("initial_params", params_before),
-            "pruned_from": str(src), "oneshot": {"criterion": criterion, "rule": rule.model_dump(),
-                                            "calib_batches": calib_batches, "units": unit_kinds}},
-            example=None if meta.get("spec") else x_example)
-        summary = {"source": str(src), "out": str(out), "criterion": criterion, "rule": rule.model_dump(),
-                   "units": unit_kinds, "params_before": params_before, "params_after": params_after,
-                   "acc_before": acc_before, "acc_after": acc_after, "eval_loss_before": loss_before,
-                   "eval_loss_after": loss_after, "groups": groups, "seconds": seconds}
+            "pruned_from": str(src), "oneshot": how}, example=example)
         with open(out / "events.jsonl", "a") as f:
             f.write(json.dumps({"kind": "prune", "step": step, "time": time.time(), "oneshot": True,
                                 "params_before": params_before, "params_after": params_after,
                                 "groups": groups, "seconds": seconds}) + "\n")
-    return summary
 
 
 def _pruner(pcfg: PruningConfig, model: torch.nn.Module, x_example: Any, src: Path) -> Any:
