@@ -66,23 +66,37 @@ def _brute_greedy(w, r, lam, alpha=0.0):
     return out, s
 
 
+@pytest.mark.parametrize("block", [64, 2])    # 2: the deferred downdates are applied mid-run
 @pytest.mark.parametrize("seed,lam", [(0, 0.0), (1, 1e-3), (2, 0.3)])
-def test_exact_greedy_equals_brute_force_recomputation(seed, lam):
+def test_exact_greedy_equals_brute_force_recomputation(seed, lam, block):
     w = _w(9, 14, seed)
-    res = P.greedy(w, 5, lam, redistribute=False)
+    res = P.greedy(w, 5, lam, redistribute=False, block=block)
     assert res.removed.tolist() == _brute_greedy(w, 5, lam)[0]
     assert res.keep.tolist() == sorted(set(range(9)) - set(res.removed.tolist()))
     assert torch.equal(res.w_scale, torch.ones(9, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("block", [64, 1, 3])
 @pytest.mark.parametrize("seed,lam", [(5, 0.0), (18, 0.2), (22, 1.0), (8, 5.0)])
-def test_exact_greedy_with_redistribution_equals_brute_force(seed, lam):
+def test_exact_greedy_with_redistribution_equals_brute_force(seed, lam, block):
     w = _w(8, 12, seed)
-    res = P.greedy(w, 4, lam, alpha=0.5, beta=0.25, gamma=-0.5, redistribute=True)
+    res = P.greedy(w, 4, lam, alpha=0.5, beta=0.25, gamma=-0.5, redistribute=True, block=block)
     order, scale = _brute_greedy(w, 4, lam, alpha=0.5)
     assert res.removed.tolist() == order
     torch.testing.assert_close(res.w_scale[res.keep], scale[res.keep])
     assert torch.equal(res.w_scale[res.removed], torch.ones(4, dtype=torch.float64))
+
+
+def test_exact_greedy_over_several_blocks_equals_brute_force():
+    """Most rows removed, across five flushes of the deferred downdates, with near-duplicate
+    rows planted so that the order is not just by norm."""
+    w = _w(24, 30, 7)
+    w[3] = 0.6 * w[10] - 0.3 * w[17] + 1e-3 * w[3]
+    w[20] = w[8] + 1e-2 * w[20]
+    res = P.greedy(w, 18, 1e-2, alpha=0.5, redistribute=True, block=4)
+    order, scale = _brute_greedy(w, 18, 1e-2, alpha=0.5)
+    assert res.removed.tolist() == order
+    torch.testing.assert_close(res.w_scale[res.keep], scale[res.keep])
 
 
 @pytest.mark.parametrize("alpha,beta,gamma", [(1.0, 1.0, 0.0), (0.0, 0.0, 1.0)])
@@ -175,6 +189,7 @@ def test_bad_arguments_name_the_argument():
     w = _w(4, 6)
     for call, word in [(lambda: P.scores(w, -1.0), "lam"), (lambda: P.greedy(w, 4), "r"),
                        (lambda: P.greedy(w, 1, mode="fast"), "mode"),
+                       (lambda: P.greedy(w, 1, block=0), "block"),
                        (lambda: P.greedy(w, -1), "r"),
                        (lambda: P.joint_qk_scores(w, w, 2, variant="sum"), "variant"),
                        (lambda: P.joint_qk_scores(w, w, 3), "n_heads"),
