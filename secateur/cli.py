@@ -84,7 +84,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool, data=None,
+def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool, prepared=None,
                   overwrite: bool = False, config_path: str | None = None) -> int:
     from secateur.data import DataError
     from secateur.trainer import runfolder
@@ -99,7 +99,7 @@ def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool, data
         runfolder.open_run(run_dir, info, resume=resume, overwrite=overwrite,
                            config_path=config_path, handoff=True)
         try:
-            trainer = Trainer(cfg, run_dir, info, resume=resume, data=data)
+            trainer = Trainer(cfg, run_dir, info, resume=resume, prepared=prepared)
         except (ConfigError, DataError, CheckpointError):
             raise
         except ValueError as err:          # a setting only the built model can refuse
@@ -139,8 +139,8 @@ def cmd_train(args: argparse.Namespace, local_rank: int | None) -> int:
     # the folder may take this run (reads only; checked again under its lock), then the model
     # runs on the data: all before any file is touched
     runfolder.plan_fresh_run(out, overwrite=args.overwrite, config_path=args.config)
-    data = preflight(cfg, args.config)
-    return _run_training(cfg, out, local_rank, resume=False, data=data, overwrite=args.overwrite,
+    prepared = preflight(cfg, args.config)
+    return _run_training(cfg, out, local_rank, resume=False, prepared=prepared, overwrite=args.overwrite,
                          config_path=args.config)
 
 

@@ -184,3 +184,47 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_p
     assert ckpt.latest(run).name == "step_00000040"
     assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 41))
+
+
+def test_a_preflight_model_is_used_once_and_the_run_is_the_one_the_trainer_would_build(tmp_path):
+    """`secateur train` builds the model in its preflight and hands it over: the Trainer must not
+    build another, and weights, generator states and the trained result equal a Trainer that
+    built the model itself."""
+    import random
+
+    import numpy as np
+
+    from secateur.trainer import setup
+    from secateur.trainer.loop import weights_digest
+    cfg = parse_config(tiny_config(train={"max_steps": 12}))
+    info = init_distributed()
+    try:
+        own = Trainer(cfg, tmp_path / "own", info)
+        own_rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+        own_start = weights_digest(own.model)
+        own.train()
+        own.close()
+        prepared = setup.preflight(cfg)
+        random.seed(123)                          # anything drawn in between must not matter
+        torch.manual_seed(123)
+        builds = []
+        real = setup.model_from_config
+        import secateur.trainer.loop as loop
+        loop.model_from_config = lambda *a, **k: builds.append(1) or real(*a, **k)
+        try:
+            handed = Trainer(cfg, tmp_path / "handed", info, prepared=prepared)
+        finally:
+            loop.model_from_config = real
+        assert builds == [] and handed.model is prepared.model
+        assert torch.equal(torch.get_rng_state(), own_rng[0])
+        assert np.array_equal(np.random.get_state()[1], own_rng[1]) and random.getstate() == own_rng[2]
+        assert weights_digest(handed.model) == own_start
+        handed.train()
+        handed.close()
+        assert weights_digest(handed.model) == weights_digest(own.model)
+        with pytest.raises(ValueError, match="resumed"):
+            Trainer(cfg, tmp_path / "handed", info, resume=True, prepared=prepared)
+    finally:
+        shutdown_distributed()
+    assert [r["loss"] for r in read_metrics(tmp_path / "handed")] == \
+        [r["loss"] for r in read_metrics(tmp_path / "own")]

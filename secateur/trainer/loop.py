@@ -53,7 +53,7 @@ from secateur.trainer.config import Config
 from secateur.trainer.engine import (FULL_STATE_FILE, DistInfo, Engine, deepspeed_config,
                                      make_optimizer, regroup_rank_states)
 from secateur.trainer.logs import RunLog, format_prune_event, read_metrics
-from secateur.trainer.setup import (dataset_from_config, eval_totals, example_batch, example_input,
+from secateur.trainer.setup import (Prepared, dataset_from_config, eval_totals, example_batch, example_input,
                                     loss_fn, lr_at, model_from_config, model_source, param_count,
                                     pruner_from_config, unit_widths)
 
@@ -205,7 +205,7 @@ class Trainer:
     """One training run in RUN_DIR on this rank; `resume=True` continues from its latest checkpoint."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, dist_info: DistInfo, resume: bool = False,
-                 data: Any = None) -> None:
+                 prepared: Prepared | None = None) -> None:
         from secateur.build import is_hf, to_device
         from secateur.data.loader import BatchStream
 
@@ -222,7 +222,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self._prepare_run_dir(resume)
 
-        self.data = data if data is not None else dataset_from_config(cfg)
+        if prepared is not None and resume:
+            raise ValueError("prepared: a resumed run rebuilds its model from the checkpoint")
+        self.data = prepared.data if prepared is not None else dataset_from_config(cfg)
         self.device = dist_info.device
         meta = ckpt.read_meta(self.ckpt_path) if resume else None
         self.own = cfg.model.name is not None       # secateur's own model: rebuilt from its spec
@@ -232,6 +234,11 @@ class Trainer:
             from secateur.models import build_model
 
             self.model = build_model(meta["spec"])     # the (possibly pruned) saved architecture
+        elif prepared is not None:                     # `secateur train` built it in its preflight
+            self.model = prepared.model
+            random.setstate(prepared.rng[0])
+            np.random.set_state(prepared.rng[1])
+            torch.set_rng_state(prepared.rng[2])
         else:
             # other models are rebuilt as configured, then cut to the recorded structure below
             self.model = model_from_config(cfg, self.data, pretrained=meta is None)

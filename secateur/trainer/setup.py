@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,24 @@ def example_input(model: nn.Module, x: Any) -> Any:
     return kwargs if kwargs else args[0]
 
 
-def preflight(cfg: Config, source: str = "config") -> Dataset:
+@dataclass
+class Prepared:
+    """What `preflight` built, handed to the Trainer so that a fresh run builds its model once."""
+    data: Dataset
+    model: nn.Module                 # built right after seed_everything(cfg.seed)
+    rng: tuple[Any, Any, Tensor]     # (random, numpy, torch) generator states right after the build
+
+
+def preflight(cfg: Config, source: str = "config") -> Prepared:
     """Build the data and the model and run one forward on a real batch, before any run folder is
-    touched. Returns the dataset. Raises ConfigError (one line) naming what failed."""
+    touched. The model is built as the Trainer would (seeded by cfg.seed) and returned with the
+    generator states that followed its build, so a fresh run continues exactly as if the Trainer
+    had built it. Raises ConfigError (one line) naming what failed."""
+    import random
+
+    import numpy as np
+
+    from secateur.trainer.loop import seed_everything
     from secateur.build import BuildError, forward, is_hf
     from secateur.data import DataError
     from secateur.trainer.config import ConfigError
@@ -137,7 +153,9 @@ def preflight(cfg: Config, source: str = "config") -> Dataset:
         raise ConfigError(f"{source}: data.batch_size {cfg.data.batch_size} is larger than the "
                           f"training split ({len(ds.train)} rows)")
     try:
+        seed_everything(cfg.seed)
         model = model_from_config(cfg, ds)
+        rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     except BuildError as err:
         raise ConfigError(f"{source}: {err}") from None
     except Exception as err:
@@ -169,7 +187,7 @@ def preflight(cfg: Config, source: str = "config") -> Dataset:
         if bad:
             raise ConfigError(f"{source}: pruning.ignored_layers: {', '.join(bad)} is not a module "
                               "name of the model")
-    return ds
+    return Prepared(ds, model, rng)
 
 
 def pruner_from_config(pcfg: PruningConfig, model: nn.Module, example_input: Tensor | None):
