@@ -7,8 +7,8 @@ never appear in training.
     python benchmarks/llama_kjv.py --steps 300 --seeds 0 1 2 --jobs 2  # the table in RESULTS.md
     python benchmarks/llama_kjv.py --steps 200 --variants dense pwt-activation-50   # a quick look
 
-Variants (targets are fractions of the transformer blocks' parameters kept; embeddings are not
-pruned):
+Variants (targets are fractions of the heads and MLP neurons kept; the embedding is pruned only
+by the -hidden- variants):
     dense                 no pruning (the reference)
     small-dense-50        a dense model built at the final widths of pwt-activation-50, from scratch
     pwt-<criterion>-<k>   heads + MLP neurons pruned while training on an AGP schedule (20%..70% of
@@ -21,6 +21,9 @@ pruned):
                           first batch: the one variant whose data order differs)
     pwt-activation-50-kd, end-oneshot-50-kd: the same with logit distillation from a snapshot of the
                           model taken just before the first pruning event (train.distill)
+    pwt-l2-hidden-75, end-oneshot-hidden-75: heads, MLP neurons and the hidden size (the residual
+                          width: embedding, every projection's input, the RMSNorms) pruned to 75%
+                          each, while training (AGP) or once at 70% of the steps
 Training FLOPs are 6 x parameters x tokens summed over the steps (parameters as logged per step).
 Writes OUT.md, OUT.json and OUT.png (perplexity vs parameters, vs training FLOPs, vs wall time).
 """
@@ -58,6 +61,11 @@ def variants(steps: int) -> dict[str, dict]:
             "pruning.criterion": "l2", "pruning.rule": {"kind": "ratio", "ratio": 1 - keep / 100,
                                                         "scope": "uniform"},
             "pruning.schedule": {"kind": "oneshot", "at": end}}
+    hidden = {"pruning.units": ["heads", "mlp", "hidden"]}
+    out["pwt-l2-hidden-75"] = {**out["pwt-l2-50"], **hidden, "pruning.schedule": {
+        **out["pwt-l2-50"]["pruning.schedule"], "target": 0.25}}
+    out["end-oneshot-hidden-75"] = {**out["end-oneshot-50"], **hidden,
+                                    "pruning.rule": {**out["end-oneshot-50"]["pruning.rule"], "ratio": 0.25}}
     kd = {"distill": {"teacher": "snapshot", "temperature": 2.0, "weight": 0.5}}
     out["pwt-activation-50-kd"] = {**out["pwt-activation-50"], **kd}
     out["end-oneshot-50-kd"] = {**out["end-oneshot-50"], **kd}
@@ -162,7 +170,7 @@ def final_widths(run: Path) -> dict:
             "model.hf.config.head_dim": cfg["hidden_size"] // cfg["num_attention_heads"], "pruning": None}
 
 
-def write_results(results: list[dict], out: Path, cmd: str) -> None:
+def write_results(results: list[dict], out: Path) -> None:
     import statistics
 
     import matplotlib
@@ -174,8 +182,9 @@ def write_results(results: list[dict], out: Path, cmd: str) -> None:
     for r in results:
         if "error" not in r:
             by.setdefault(r["variant"], []).append(r)
-    lines = [f"# LLaMA on the KJV: pruning while training vs the alternatives",
-             "", f"Command: `{cmd}`  ", f"Machine: {platform.processor() or platform.machine()}, "
+    cmds = list(dict.fromkeys(r["cmd"] for r in results if r.get("cmd")))   # each run's own command
+    lines = [f"# LLaMA on the KJV: pruning while training vs the alternatives", "",
+             *[f"Command: `{c}`  " for c in cmds], f"Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}", "",
              "| variant | seeds | params end | perplexity (mean ± sd over seeds) | train TFLOP | train s |",
              "|---|---|---|---|---|---|"]
@@ -261,12 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda t: one(*t), first))
         results += list(pool.map(lambda t: one(*t), second))
+    threads = os.environ.get("BENCH_THREADS")
+    cmd = (f"BENCH_THREADS={threads} " if threads else "") + "python benchmarks/llama_kjv.py " + \
+        " ".join(argv or sys.argv[1:])
+    results = [{**r, "cmd": cmd} for r in results]
     if not args.fresh and out.with_suffix(".json").is_file():   # keep earlier variants/seeds
         done = {(r["variant"], r["seed"]) for r in results}
         earlier = json.loads(out.with_suffix(".json").read_text())
         results = [r for r in earlier if (r["variant"], r["seed"]) not in done
                    and r.get("steps") == args.steps] + results
-    write_results(results, out, "python benchmarks/llama_kjv.py " + " ".join(argv or sys.argv[1:]))
+    write_results(results, out)
     return 0
 
 
