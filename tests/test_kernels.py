@@ -64,6 +64,21 @@ def test_triton_rms_norm_and_channel_sums_match_reference(triton_backend, shape,
     torch.testing.assert_close(acc - 1, channel_sq_sum_reference(x.detach(), d), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 5, 33), (3, 700, 130), (5000, 60)])
+def test_torch_channels_last_sum_of_squares_matches_float64_brute_force(shape, dtype):
+    """The torch path sums channels-last activations a block of rows at a time (the larger
+    shapes span several blocks, one with a short last block)."""
+    from secateur.kernels.importance import ROW_BLOCK_ELEMENTS
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = channel_sq_sum(x, -1)
+    assert got.dtype == torch.float32 and got.shape == (shape[-1],)
+    expected = x.double().square().sum(tuple(range(x.dim() - 1)))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    if x.numel() > ROW_BLOCK_ELEMENTS:
+        assert (x.numel() // shape[-1]) % (ROW_BLOCK_ELEMENTS // shape[-1]) != 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5, 37), (33, 17), (2, 3, 45, 70)])
 def test_triton_gram_matches_reference_and_is_symmetric(triton_backend, shape, dtype):

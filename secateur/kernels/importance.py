@@ -17,6 +17,24 @@ def sq_sum_3d(x3: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x3, dim=2).square_().sum(0)
 
 
+ROW_BLOCK_ELEMENTS = 1 << 18     # ~1 MB of fp32 per block: stays in cache
+
+
+def sq_sum_rows(x2: Tensor, acc: torch.dtype) -> Tensor:
+    """(P, C) -> (C,) sum of squares over the rows, in `acc`: channels on the last axis, as a
+    transformer's (batch, tokens, C) activations. Summed a block of rows at a time: one
+    activation-sized temporary costs more than the arithmetic (on 4096 x 2048 fp32, 1 thread,
+    blocks took 4.5 ms where one x*x and a sum took 30 ms)."""
+    c = x2.shape[1]
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(c, 1))
+    if x2.shape[0] <= rows:
+        return x2.to(acc).square().sum(0)
+    out = torch.zeros(c, dtype=acc, device=x2.device)
+    for block in x2.split(rows):
+        out += block.to(acc).square().sum(0)
+    return out
+
+
 def channel_sq_sum_reference(x: Tensor, dim: int = 1) -> Tensor:
     """fp32 (C,) sum over every axis but `dim` of x**2 (accumulated in fp32, float64 in float64)."""
     dim = channel_dim(x, dim)
@@ -32,6 +50,8 @@ def channel_sq_sum(x: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor
         raise ValueError(f"out must be a float32 tensor of shape ({c},), got {out.dtype} {tuple(out.shape)}")
     if backend_for(x) == "triton":
         s = _channel_sq_sum_triton(x, dim)
+    elif dim == x.dim() - 1 and x.dim() > 1:        # channels last: rows of C
+        s = sq_sum_rows(x.detach().reshape(-1, c), acc_dtype(x)).float()
     else:
         s = channel_sq_sum_reference(x, dim)
     if out is None:
