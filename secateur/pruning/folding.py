@@ -1,47 +1,150 @@
 """Model folding (METHODS B): merge similar units instead of deleting them.
 
 Pruning to a keep-set is an axis-aligned projection of a layer's unit rows; folding projects
-each row onto its cluster mean (a k-means projection). Units are clustered by their rows (PCA,
-then k-means), producers become the cluster mean and consumers the cluster sum, which is exact
-when the merged rows are identical.
+each row onto its cluster mean (a k-means projection). Units are clustered by their rows (a torch
+k-means: k-means++ seeding, Lloyd iterations with GEMM distances, rows wider than `max_dim`
+first reduced by a seeded random projection), producers become the cluster mean and consumers
+the cluster sum, which is exact when the merged rows are identical.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 from torch import Tensor
 
 
-def cluster_units(features: Tensor, k: int, seed: int = 42) -> Tensor:
-    """Cluster labels (n,) in [0, k) of the n unit rows `features` (n, p) (conv rows are
-    flattened): PCA (all components: centring and a rotation), then k-means (scikit-learn Lloyd
-    with k-means++ init, n_init=3, max_iter=100, in place of the reference's Hartigan k-means with
-    max_iter=10). Every cluster is non-empty (with fewer distinct rows than k, members of the
-    largest cluster become singletons); labels are renumbered by first appearance so they do not
-    depend on the solver's ordering."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
+def check_kmeans_args(n_init: int, max_iter: int, max_dim: int | None) -> None:
+    """ValueError unless n_init >= 1, max_iter >= 1 and max_dim is None or >= 1."""
+    if n_init < 1:
+        raise ValueError(f"n_init must be >= 1, got {n_init}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if max_dim is not None and max_dim < 1:
+        raise ValueError(f"max_dim must be None or >= 1, got {max_dim}")
 
+
+def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, max_iter: int = 30,
+                  max_dim: int | None = 256) -> Tensor:
+    """Cluster labels (n,) in [0, k) of the n unit rows `features` (n, p) (conv rows are
+    flattened): k-means in float64 (k-means++ seeding, then Lloyd until the labels stop changing
+    or `max_iter` iterations; `n_init` seedings, the lowest objective kept), all randomness from
+    a generator seeded with `seed`. Rows wider than `max_dim` (None: never) are centred and
+    multiplied by a seeded Gaussian (p, max_dim) matrix first (Johnson-Lindenstrauss: squared
+    distances kept to a few percent; the reference LLM code projects to 256 dims). The reference's
+    PCA is not applied: all components are a shift and a rotation, which keep every distance and
+    so change no k-means step. Every cluster is non-empty (an empty cluster takes the point
+    farthest from its centroid; with fewer distinct rows than k, members of the largest cluster
+    become singletons); labels are renumbered by first appearance."""
     n = features.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    x = features.detach().reshape(n, -1).double().cpu().numpy()
+    check_kmeans_args(n_init, max_iter, max_dim)
     if k == n:
         return torch.arange(n)
     if k == 1:
         return torch.zeros(n, dtype=torch.long)
+    x = features.detach().reshape(n, -1).double().cpu()
     z = x - x.mean(0)
     if not z.any():                 # all rows equal: one cluster, split below
-        labels = np.zeros(n, dtype=np.int64)
+        labels = torch.zeros(n, dtype=torch.long)
     else:
-        if min(x.shape) > 1:
-            z = PCA(n_components=min(x.shape), random_state=seed).fit_transform(x)
-        labels = KMeans(n_clusters=k, n_init=3, max_iter=100, random_state=seed).fit_predict(z)
-    _, first = np.unique(labels, return_index=True)
-    order = {int(labels[f]): j for j, f in enumerate(sorted(first))}
-    out = torch.tensor([order[int(c)] for c in labels], dtype=torch.long)
-    used = out.unique().numel()
-    while used < k:     # fewer distinct rows than k: give the missing clusters singletons
+        gen = torch.Generator().manual_seed(int(seed))
+        if max_dim is not None and z.shape[1] > max_dim:
+            proj = torch.randn(z.shape[1], max_dim, generator=gen, dtype=torch.float64)
+            z = z @ proj.div_(math.sqrt(max_dim))
+        best = None
+        for _ in range(n_init):
+            run = _lloyd(z, _kmeans_pp(z, k, gen), max_iter)
+            if best is None or run[1] < best[1]:
+                best = run
+        labels = best[0]
+    return _renumber_and_fill(labels, k)
+
+
+def _sq_dists(z: Tensor, zz: Tensor, c: Tensor, cc: Tensor) -> Tensor:
+    """Squared distances (n, m) of the rows of z to the rows of c as one GEMM,
+    ||a||^2 + ||b||^2 - 2 a b^T (norms zz, cc given); entries within rounding of zero (1e-12 of
+    the norms) are set to 0 so that duplicated rows count as identical."""
+    d = torch.addmm(cc[None, :], z, c.T, alpha=-2).add_(zz[:, None]).clamp_min_(0)
+    d[d <= 1e-12 * (zz[:, None] + cc[None, :])] = 0
+    return d
+
+
+_PP_TRIALS = lambda k: 2 + int(math.log(k))
+
+
+def _kmeans_pp(z: Tensor, k: int, gen: torch.Generator, trials: int | None = None) -> Tensor:
+    """Indices (k,) of the k-means++ seeds: the first uniform, each next one sampled with
+    probability proportional to its squared distance to the nearest seed so far (greedy: the best
+    of `trials` such samples by the resulting potential). With fewer distinct rows than k the
+    first seed is repeated."""
+    n = z.shape[0]
+    trials = trials if trials is not None else _PP_TRIALS(k)
+    zz = z.square().sum(1)
+    seeds = [int(torch.randint(n, (1,), generator=gen))]
+    d2 = _sq_dists(z, zz, z[seeds], zz[seeds])[:, 0]
+    while len(seeds) < k:
+        if not d2.any():
+            seeds += seeds[:1] * (k - len(seeds))
+            break
+        cand = torch.multinomial(d2, trials, replacement=True, generator=gen)
+        dc = torch.minimum(_sq_dists(z, zz, z[cand], zz[cand]), d2[:, None])
+        best = int(dc.sum(0).argmin())
+        seeds.append(int(cand[best]))
+        d2 = dc[:, best]
+    return torch.tensor(seeds)
+
+
+def _lloyd(z: Tensor, seeds: Tensor, max_iter: int) -> tuple[Tensor, float]:
+    """Lloyd iterations from the centroids z[seeds]: labels (n,) and the objective (the sum of
+    squared distances to the cluster means). Stops when the labels stop changing (then every row
+    is nearest to its own cluster's mean) or after max_iter assignments. An empty cluster takes
+    the row farthest from its centroid (from a cluster that keeps a member)."""
+    k = seeds.numel()
+    zz = z.square().sum(1)
+    c = z[seeds]
+    labels = None
+    for _ in range(max_iter):
+        cc = c.square().sum(1)
+        d2 = _sq_dists(z, zz, c, cc)
+        new = d2.argmin(1)
+        counts = torch.bincount(new, minlength=k)
+        if not counts.all():
+            _fill_empty(new, counts, d2.gather(1, new[:, None])[:, 0])
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        sums = torch.zeros_like(c).index_add_(0, labels, z)
+        c = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], c)
+    return labels, float((z - c[labels]).square().sum())
+
+
+def _fill_empty(labels: Tensor, counts: Tensor, own: Tensor) -> None:
+    """Give each empty cluster (in order) the row farthest from its centroid (`own`: squared
+    distances) among rows off their centroid whose cluster keeps a member; in place. Clusters
+    stay empty when no such row is left (fewer distinct rows than clusters)."""
+    own = own.clone()
+    for e in (counts == 0).nonzero()[:, 0].tolist():
+        own[counts[labels] < 2] = 0
+        i = int(own.argmax())
+        if own[i] <= 0:
+            return
+        counts[labels[i]] -= 1
+        counts[e], labels[i], own[i] = 1, e, 0
+
+
+def _renumber_and_fill(labels: Tensor, k: int) -> Tensor:
+    """Labels renumbered by first appearance (independent of the solver's ordering); with fewer
+    than k clusters used, the last member of the largest cluster becomes a new singleton until k
+    are."""
+    n = labels.numel()
+    first = torch.full((k,), n).scatter_reduce(0, labels, torch.arange(n), reduce="amin")
+    rank = torch.empty(k, dtype=torch.long)
+    rank[first.argsort(stable=True)] = torch.arange(k)
+    out = rank[labels]
+    used = int((first < n).sum())
+    while used < k:
         big = int(torch.bincount(out).argmax())
         out[(out == big).nonzero()[-1]] = used
         used += 1
