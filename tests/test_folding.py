@@ -121,10 +121,10 @@ def _objective(x, labels):
     return float(sum((x[labels == c] - x[labels == c].mean(0)).square().sum() for c in labels.unique()))
 
 
-@pytest.mark.parametrize("p, max_dim", [(8, 256), (1500, 64)])
+@pytest.mark.parametrize("p, max_dim", [(8, 256), (1500, 64), (1500, 256)])
 def test_cluster_units_recovers_planted_clusters(p, max_dim):
     """Well-separated blobs (centre distance ~ 10x the spread) are recovered exactly, also after
-    the random projection of wide rows."""
+    the random projection (n > max_dim) or the exact QR narrowing (n <= max_dim) of wide rows."""
     g = torch.Generator().manual_seed(0)
     k, per = 12, 9
     centres = 10 * torch.randn(k, p, generator=g, dtype=torch.float64)
@@ -178,3 +178,29 @@ def test_cluster_units_with_few_distinct_rows_keeps_duplicates_together_where_it
     assert sorted(labels.unique().tolist()) == list(range(5))
     for c in range(5):
         assert which[labels == c].unique().numel() == 1
+
+
+def test_narrowing_few_wide_rows_changes_no_label():
+    """n <= max_dim < p: the QR narrowing keeps every distance, so the labels equal those of
+    k-means on the full rows with the same seed."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 5000, generator=g, dtype=torch.float64)
+    for seed in range(3):
+        assert torch.equal(cluster_units(x, 9, seed=seed, max_dim=64), cluster_units(x, 9, seed=seed, max_dim=None))
+
+
+def test_fold_ar_gain_matches_the_pairwise_cosine_definition():
+    """Against the definition: rho_c the mean cosine over ordered pairs i != j in the cluster."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0] * 6 + [1] + [2] * 10 + [3] * 2 + [4] * 11)
+    got = fold_ar_gain(rows, labels)
+    for c in range(5):
+        m = rows[labels == c]
+        m = m / m.norm(dim=1, keepdim=True)
+        nc = m.shape[0]
+        if nc == 1:
+            assert float(got[c]) == 1.0
+            continue
+        rho = sum(float(m[i] @ m[j]) for i in range(nc) for j in range(nc) if i != j) / (nc * (nc - 1))
+        assert float(got[c]) == pytest.approx((nc / (1 + (nc - 1) * rho)) ** 0.5, rel=1e-12)

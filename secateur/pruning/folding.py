@@ -30,8 +30,9 @@ def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, 
     flattened): k-means in float64 (k-means++ seeding, then Lloyd until the labels stop changing
     or `max_iter` iterations; `n_init` seedings, the lowest objective kept), all randomness from
     a generator seeded with `seed`. Rows wider than `max_dim` (None: never) are centred and
-    multiplied by a seeded Gaussian (p, max_dim) matrix first (Johnson-Lindenstrauss: squared
-    distances kept to a few percent; the reference LLM code projects to 256 dims). The reference's
+    narrowed first: exactly to n coordinates when n <= max_dim (see `_reduce_width`), else by a
+    seeded Gaussian (p, max_dim) matrix (Johnson-Lindenstrauss: squared distances kept to a few
+    percent; the reference LLM code projects to 256 dims). The reference's
     PCA is not applied: all components are a shift and a rotation, which keep every distance and
     so change no k-means step. Every cluster is non-empty (an empty cluster takes the point
     farthest from its centroid; with fewer distinct rows than k, members of the largest cluster
@@ -50,9 +51,7 @@ def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, 
         labels = torch.zeros(n, dtype=torch.long)
     else:
         gen = torch.Generator().manual_seed(int(seed))
-        if max_dim is not None and z.shape[1] > max_dim:
-            proj = torch.randn(z.shape[1], max_dim, generator=gen, dtype=torch.float64)
-            z = z @ proj.div_(math.sqrt(max_dim))
+        z = _reduce_width(z, max_dim, gen)
         best = None
         for _ in range(n_init):
             run = _lloyd(z, _kmeans_pp(z, k, gen), max_iter)
@@ -60,6 +59,21 @@ def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, 
                 best = run
         labels = best[0]
     return _renumber_and_fill(labels, k)
+
+
+def _reduce_width(z: Tensor, max_dim: int | None, gen: torch.Generator) -> Tensor:
+    """Rows z (n, p) re-expressed in fewer coordinates for k-means. With n <= max_dim < p: R^T
+    (n, n) from z^T = QR, which keeps every distance and mean exactly (z = R^T Q^T, Q orthonormal
+    columns); a few attention heads have rows of hundreds of thousands of weights, where a
+    Gaussian (p, max_dim) matrix alone would take seconds to draw. With n > max_dim < p: z times
+    a seeded Gaussian (p, max_dim) / sqrt(max_dim)."""
+    n, p = z.shape
+    if max_dim is None or p <= max_dim:
+        return z
+    if n <= max_dim:
+        return torch.linalg.qr(z.T, mode="r")[1].T
+    proj = torch.randn(p, max_dim, generator=gen, dtype=torch.float64)
+    return z @ proj.div_(math.sqrt(max_dim))
 
 
 def _sq_dists(z: Tensor, zz: Tensor, c: Tensor, cc: Tensor) -> Tensor:
@@ -169,20 +183,17 @@ def merge_maps(labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def fold_ar_gain(rows: Tensor, labels: Tensor) -> Tensor:
     """Fold-AR variance gain per cluster (k,): sqrt(n_c / (1 + (n_c - 1) rho_c)) with rho_c the
     mean pairwise cosine similarity of the members' rows; the mean of n_c unit-variance signals
-    with correlation rho has variance (1 + (n_c - 1) rho) / n_c. Singletons get 1."""
+    with correlation rho has variance (1 + (n_c - 1) rho) / n_c. Singletons get 1. The pairwise
+    sum comes from the cluster's sum s_c of unit rows: sum_{i != j} cos_ij = ||s_c||^2 - n_c."""
     r = rows.detach().reshape(rows.shape[0], -1).double()
     r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    labels = labels.to(torch.long)
     k = int(labels.max()) + 1
-    gain = torch.ones(k, dtype=torch.float64)
-    for c in range(k):
-        m = r[labels == c]
-        nc = m.shape[0]
-        if nc < 2:
-            continue
-        cos = m @ m.T
-        rho = (cos.sum() - cos.diagonal().sum()) / (nc * (nc - 1))
-        gain[c] = torch.sqrt(nc / (1.0 + (nc - 1) * rho).clamp_min(1e-12))
-    return gain
+    nc = torch.bincount(labels, minlength=k).double()
+    sums = torch.zeros(k, r.shape[1], dtype=torch.float64).index_add_(0, labels, r)
+    rho = (sums.square().sum(1) - nc) / (nc * (nc - 1)).clamp_min(1)
+    gain = torch.sqrt(nc / (1.0 + (nc - 1) * rho).clamp_min(1e-12))
+    return torch.where(nc < 2, torch.ones_like(gain), gain)
 
 
 def projection_error_prune(W: Tensor, keep: Tensor) -> float:
