@@ -41,15 +41,18 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 CRITERIA = ("activation", "l2", "projective", "fold")
-SLOW = ("projective", "fold")   # minutes per event at 100M on one CPU thread: --slow-reps
+SLOW = ("projective", "fold")   # tens of seconds per event at 100M on one CPU thread: --slow-reps
 # where those minutes go (cProfile of one event on a 1-layer model of the same widths)
 NOTES = {
     "projective": "nearly all of it is the exact greedy removal (secateur/pruning/projective.py "
-                  "`greedy`): the MLP units removed one after the other, each an O(n^2) float64 "
-                  "downdate of the n x n inverse (n = 2048 at 100M), 12 layers in sequence",
-    "fold": "nearly all of it is scikit-learn inside `folding.cluster_units`: per MLP layer a full "
-            "PCA and k-means with k-means++ initialisation (n_init=3) of n/2 clusters over n units "
-            "(n = 2048 at 100M)",
+                  "`_exact_greedy`): the MLP units removed one after the other, each removal O(n^2) "
+                  "in float64 (a Schur downdate of the scores, downdates applied 64 at a time as a "
+                  "GEMM; n = 2048 at 100M, about 3 s per layer), 12 layers in sequence; the greedy "
+                  "order is inherently sequential, so the event cannot reach a one-pass ranking's cost",
+    "fold": "per MLP layer a k-means of n/2 clusters over n = 2048 units in float64 "
+            "(`folding.cluster_units`: k-means++ seeding and Lloyd iterations as GEMMs on rows "
+            "projected to 256 dimensions, about 0.9 s) and the merge of the cluster means as dense "
+            "(k, n) maps (`surgery.merge_units`), 12 layers in sequence",
 }
 BATCH, SEQ = 2, 64
 # about 100M parameters with tied embeddings; --tiny: a few hundred thousand, to check the script
@@ -151,6 +154,12 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def _dates(res: dict[str, Any]) -> str:
+    """The days the runs in `res` were measured on ("2026-12-01" or "2026-12-01, 2026-12-08")."""
+    runs = [r for rs in res.get("secateur", {}).values() for r in rs] + res.get("torch_pruning", {}).get("runs", [])
+    return ", ".join(sorted({r.get("date", res.get("date", "?")) for r in runs}))
+
+
 def write_results(res: dict[str, Any], out: Path) -> None:
     """OUT.json (every repetition) and OUT.md (medians, and a plain conclusion)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,20 +171,20 @@ def write_results(res: dict[str, Any], out: Path) -> None:
         "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; torch {res['torch']}, transformers {res['transformers']}, "
-        f"Torch-Pruning {res['torch_pruning_version']}; date {res['date']}  ",
+        f"Torch-Pruning {res['torch_pruning_version']}; dates {_dates(res)}  ",
         f"Model: LlamaForCausalLM {res['model']} ({res['params']:,} parameters, random weights); "
         f"keep {res['keep']:.0%} of the KV head groups and MLP neurons of every layer; "
         f"batch {BATCH} x {SEQ} tokens; medians over the n repetitions (every one in the JSON).",
         "",
         "| criterion | n | secateur trace s (once) | event s | engine rebuild s | TP build s | TP step s "
-        "| params before | params after (secateur / TP) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| params before | params after (secateur / TP) | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for crit, runs in res["secateur"].items():
         lines.append(f"| {crit} | {len(runs)} | {_median(runs, 'trace_s'):.2f} | {_median(runs, 'prune_s'):.2f} | "
                      f"{_median(runs, 'rebuild_s'):.2f} | {tp_build:.2f} | {tp_step:.2f} | "
                      f"{runs[0]['params_before']:,} | {runs[0]['params_after']:,} / "
-                     f"{tp['runs'][0]['params_after']:,} |")
+                     f"{tp['runs'][0]['params_after']:,} | {_dates({'secateur': {crit: runs}})} |")
     lines += ["", "Columns: trace = building the Pruner (tracing the model into unit groups and trying "
               "each group's cut on a copy, the default); event = `pruner.prune` inside the engine "
               "rebuild (importance, decision, cut of the weights and the AdamW moments); engine "
@@ -244,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
             for crit in args.criteria:
                 if rep >= (args.slow_reps if crit in SLOW else args.reps):
                     continue
-                r = secateur_event(base, crit, args.keep, seed=rep)
+                r = {**secateur_event(base, crit, args.keep, seed=rep), "date": res["date"]}
                 res["secateur"].setdefault(crit, []).append(r)
                 print(json.dumps({"criterion": crit, "rep": rep, **r}), flush=True)
                 gc.collect()
             if rep >= args.reps:
                 continue
-            r = tp_event(base, args.keep, seed=rep)
+            r = {**tp_event(base, args.keep, seed=rep), "date": res["date"]}
             res["torch_pruning"]["runs"].append(r)
             print(json.dumps({"torch_pruning": True, "rep": rep, **r}), flush=True)
             gc.collect()
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and out.with_suffix(".json").is_file():
         earlier = json.loads(out.with_suffix(".json").read_text())
         if earlier["params"] == res["params"] and earlier["keep"] == res["keep"]:
+            for r in [*(r for runs in earlier["secateur"].values() for r in runs), *earlier["torch_pruning"]["runs"]]:
+                r.setdefault("date", earlier["date"])     # runs kept from an earlier day keep its date
             res["secateur"] = {**{c: r for c, r in earlier["secateur"].items() if c not in res["secateur"]},
                                **res["secateur"]}
             res["torch_pruning"]["runs"] = earlier["torch_pruning"]["runs"] + res["torch_pruning"]["runs"]
