@@ -40,7 +40,8 @@ def _launch(nproc: int, *args: str) -> subprocess.CompletedProcess:
         cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     proc = subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    # a plain string: pytest prints it whole (a tuple's repr is cut to one line)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-6000:]}"
     return proc
 
 
