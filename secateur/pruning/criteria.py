@@ -346,7 +346,7 @@ class CoSePCriterion(Criterion):
 
 class FoldCriterion(Criterion):
     """Model folding (METHODS B): cluster each group's units on everything tied to them
-    (producer rows, norm parameters, consumer columns; PCA + k-means)
+    (producer rows, norm parameters, consumer columns; k-means, `folding.cluster_units`)
     and merge each cluster (mean of producers, sum of consumers) instead of deleting units.
     The rule's count of removed units sets the number of clusters; `repair='fold_ar'` applies
     the data-free Fold-AR rescaling. TSRA groups fold within each subspace."""
