@@ -178,14 +178,17 @@ def write_results(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    order = [*variants(300), "small-dense-50", "end-tp-50", "end-tp-30"]   # the table's row order
     by: dict[str, list[dict]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: (order.index(r["variant"]) if r["variant"] in order
+                                            else len(order), r["seed"])):
         if "error" not in r:
             by.setdefault(r["variant"], []).append(r)
+    dates = sorted({r["date"] for r in results if r.get("date")})
     cmds = list(dict.fromkeys(r["cmd"] for r in results if r.get("cmd")))   # each run's own command
     lines = [f"# LLaMA on the KJV: pruning while training vs the alternatives", "",
              *[f"Command: `{c}`  " for c in cmds], f"Machine: {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores; date {time.strftime('%Y-%m-%d')}", "",
+             f"{os.cpu_count()} cores; runs measured on {', '.join(dates) or time.strftime('%Y-%m-%d')}", "",
              "| variant | seeds | params end | perplexity (mean ± sd over seeds) | train TFLOP | train s |",
              "|---|---|---|---|---|---|"]
     for name, rs in by.items():
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("BENCH_THREADS")
     cmd = (f"BENCH_THREADS={threads} " if threads else "") + "python benchmarks/llama_kjv.py " + \
         " ".join(argv or sys.argv[1:])
-    results = [{**r, "cmd": cmd} for r in results]
+    results = [{**r, "cmd": cmd, "date": time.strftime("%Y-%m-%d")} for r in results]
     if not args.fresh and out.with_suffix(".json").is_file():   # keep earlier variants/seeds
         done = {(r["variant"], r["seed"]) for r in results}
         earlier = json.loads(out.with_suffix(".json").read_text())
