@@ -43,3 +43,38 @@ def test_two_ranks_agree_on_architecture_and_weights_after_each_event(stage, tmp
     meta = ckpt.read_meta(final)
     assert meta["world_size"] == 2 and meta["widths"] == widths[-1]
     assert "run finished" in proc.stdout
+
+
+_SHUTDOWN_SCRIPT = """
+import json, sys, time
+import torch
+import torch.distributed as dist
+from secateur.trainer.engine import init_distributed, shutdown_distributed
+info = init_distributed()
+x = torch.ones(3) * (info.rank + 1)
+dist.all_reduce(x)                          # gloo traffic just before the meeting
+if info.rank == 1:
+    time.sleep(1.5)
+t0 = time.monotonic()
+shutdown_distributed()
+waited = time.monotonic() - t0
+with open(sys.argv[1] + f"/rank{info.rank}.json", "w") as f:
+    json.dump({"waited": waited, "sum": x.tolist(), "initialized": dist.is_initialized()}, f)
+"""
+
+
+def test_shutdown_waits_for_every_rank_and_destroys_the_group(tmp_path):
+    """Rank 1 reaches the shutdown 1.5 s late: rank 0 waits for it (the meeting is real), and
+    both leave with the group destroyed and exit 0."""
+    script = tmp_path / "shutdown.py"
+    script.write_text(_SHUTDOWN_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([*torchrun, str(script), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in rows:
+        assert r["sum"] == [3.0, 3.0, 3.0] and not r["initialized"]
+    assert rows[0]["waited"] > 1.0            # rank 0 waited for the late rank
