@@ -130,7 +130,7 @@ def test_cluster_units_recovers_planted_clusters(p, max_dim):
     centres = 10 * torch.randn(k, p, generator=g, dtype=torch.float64)
     truth = torch.arange(k).repeat_interleave(per)[torch.randperm(k * per, generator=g)]
     x = centres[truth] + 0.3 * torch.randn(k * per, p, generator=g, dtype=torch.float64) / p ** 0.5 * 10
-    labels = cluster_units(x, k, seed=3, max_dim=max_dim)
+    labels = cluster_units(x, k, seed=3, max_dim=max_dim, narrow_work=0)
     assert torch.equal(_co_membership(labels), _co_membership(truth))
     assert labels[0] == 0 and sorted(labels.unique().tolist()) == list(range(k))
 
@@ -186,7 +186,8 @@ def test_narrowing_few_wide_rows_changes_no_label():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(40, 5000, generator=g, dtype=torch.float64)
     for seed in range(3):
-        assert torch.equal(cluster_units(x, 9, seed=seed, max_dim=64), cluster_units(x, 9, seed=seed, max_dim=None))
+        assert torch.equal(cluster_units(x, 9, seed=seed, max_dim=64, narrow_work=0),
+                           cluster_units(x, 9, seed=seed, max_dim=None))
 
 
 def test_fold_ar_gain_matches_the_pairwise_cosine_definition():
@@ -204,3 +205,13 @@ def test_fold_ar_gain_matches_the_pairwise_cosine_definition():
             continue
         rho = sum(float(m[i] @ m[j]) for i in range(nc) for j in range(nc) if i != j) / (nc * (nc - 1))
         assert float(got[c]) == pytest.approx((nc / (1 + (nc - 1) * rho)) ** 0.5, rel=1e-12)
+
+
+def test_small_problems_cluster_the_full_rows():
+    """Below narrow_work multiply-adds per assignment nothing is projected: the default equals
+    k-means on the full rows; forcing the projection changes the result."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 600, generator=g, dtype=torch.float64)
+    full = cluster_units(x, 30, seed=1, max_dim=None)
+    assert torch.equal(cluster_units(x, 30, seed=1), full)
+    assert not torch.equal(cluster_units(x, 30, seed=1, narrow_work=0), full)

@@ -24,15 +24,22 @@ def check_kmeans_args(n_init: int, max_iter: int, max_dim: int | None) -> None:
         raise ValueError(f"max_dim must be None or >= 1, got {max_dim}")
 
 
+# multiply-adds of one Lloyd assignment (n x k x p) above which wide rows are narrowed: about
+# 0.1 s in float64 on one core; below it k-means runs on the full rows, as exact as scikit-learn
+NARROW_WORK = 1e9
+
+
 def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, max_iter: int = 30,
-                  max_dim: int | None = 256) -> Tensor:
+                  max_dim: int | None = 256, narrow_work: float = NARROW_WORK) -> Tensor:
     """Cluster labels (n,) in [0, k) of the n unit rows `features` (n, p) (conv rows are
     flattened): k-means in float64 (k-means++ seeding, then Lloyd until the labels stop changing
     or `max_iter` iterations; `n_init` seedings, the lowest objective kept), all randomness from
-    a generator seeded with `seed`. Rows wider than `max_dim` (None: never) are centred and
-    narrowed first: exactly to n coordinates when n <= max_dim (see `_reduce_width`), else by a
-    seeded Gaussian (p, max_dim) matrix (Johnson-Lindenstrauss: squared distances kept to a few
-    percent; the reference LLM code projects to 256 dims). The reference's
+    a generator seeded with `seed`. When one assignment would cost more than `narrow_work`
+    multiply-adds (n k p), rows wider than `max_dim` (None: never) are centred and narrowed
+    first: exactly to n coordinates when n <= max_dim (see `_reduce_width`), else by a seeded
+    Gaussian (p, max_dim) matrix (Johnson-Lindenstrauss; the reference LLM code projects to 256
+    dims). The projection costs objective: on a trained LLaMA's MLP rows (384 units, 384 wide)
+    1-5% above scikit-learn's k-means, within 0.4% of it on the full rows. The reference's
     PCA is not applied: all components are a shift and a rotation, which keep every distance and
     so change no k-means step. Every cluster is non-empty (an empty cluster takes the point
     farthest from its centroid; with fewer distinct rows than k, members of the largest cluster
@@ -51,7 +58,8 @@ def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, 
         labels = torch.zeros(n, dtype=torch.long)
     else:
         gen = torch.Generator().manual_seed(int(seed))
-        z = _reduce_width(z, max_dim, gen)
+        if n * k * z.shape[1] > narrow_work:
+            z = _reduce_width(z, max_dim, gen)
         best = None
         for _ in range(n_init):
             run = _lloyd(z, _kmeans_pp(z, k, gen), max_iter)
