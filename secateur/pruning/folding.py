@@ -2,8 +2,8 @@
 
 Pruning to a keep-set is an axis-aligned projection of a layer's unit rows; folding projects
 each row onto its cluster mean (a k-means projection). Units are clustered by their rows (a torch
-k-means: k-means++ seeding, Lloyd iterations with GEMM distances, rows wider than `max_dim`
-first reduced by a seeded random projection), producers become the cluster mean and consumers
+k-means: k-means++ seeding, Lloyd iterations with GEMM distances; in large problems rows wider
+than `max_dim` first narrowed by a seeded random projection), producers become the cluster mean and consumers
 the cluster sum, which is exact when the merged rows are identical.
 """
 from __future__ import annotations
@@ -93,7 +93,9 @@ def _sq_dists(z: Tensor, zz: Tensor, c: Tensor, cc: Tensor) -> Tensor:
     return d
 
 
-_PP_TRIALS = lambda k: 2 + int(math.log(k))
+def _pp_trials(k: int) -> int:
+    """Candidates per k-means++ seed: 2 + ln k (the greedy k-means++ of Arthur and Vassilvitskii)."""
+    return 2 + int(math.log(k))
 
 
 def _kmeans_pp(z: Tensor, k: int, gen: torch.Generator, trials: int | None = None) -> Tensor:
@@ -102,7 +104,7 @@ def _kmeans_pp(z: Tensor, k: int, gen: torch.Generator, trials: int | None = Non
     of `trials` such samples by the resulting potential). With fewer distinct rows than k the
     first seed is repeated."""
     n = z.shape[0]
-    trials = trials if trials is not None else _PP_TRIALS(k)
+    trials = trials if trials is not None else _pp_trials(k)
     zz = z.square().sum(1)
     seeds = [int(torch.randint(n, (1,), generator=gen))]
     d2 = _sq_dists(z, zz, z[seeds], zz[seeds])[:, 0]
