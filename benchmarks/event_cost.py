@@ -42,7 +42,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 CRITERIA = ("activation", "l2", "projective", "fold")
 SLOW = ("projective", "fold")   # tens of seconds per event at 100M on one CPU thread: --slow-reps
-# where those minutes go (cProfile of one event on a 1-layer model of the same widths)
+# where that time goes (cProfile of one event on a 1-layer model of the same widths)
 NOTES = {
     "projective": "nearly all of it is the exact greedy removal (secateur/pruning/projective.py "
                   "`_exact_greedy`): the MLP units removed one after the other, each removal O(n^2) "
