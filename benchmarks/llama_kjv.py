@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     global REUSE
     REUSE = args.reuse
     data, runs, out = Path(args.data), Path(args.runs), Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)      # before hours of training, not after
     if not (data / "train.txt").is_file():
         from secateur.data.writers import write_kjv
         write_kjv(str(data))
