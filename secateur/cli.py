@@ -112,7 +112,7 @@ def _run_training(cfg, run_dir: Path, local_rank: int | None, resume: bool, prep
         destroy_process_group()            # no barrier: the other ranks may never reach it
         raise
     runfolder.close_run(run_dir)
-    shutdown_distributed()
+    shutdown_distributed(cfg.train.collective_timeout_s)
     if info.is_main:
         print(format_summary(summary), flush=True)
     return 0

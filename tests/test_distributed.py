@@ -46,35 +46,55 @@ def test_two_ranks_agree_on_architecture_and_weights_after_each_event(stage, tmp
 
 
 _SHUTDOWN_SCRIPT = """
-import json, sys, time
+import json, os, sys, time
 import torch
 import torch.distributed as dist
 from secateur.trainer.engine import init_distributed, shutdown_distributed
+out, mode = sys.argv[1], sys.argv[2]
 info = init_distributed()
 x = torch.ones(3) * (info.rank + 1)
 dist.all_reduce(x)                          # gloo traffic just before the meeting
+row = {"sum": x.tolist()}
 if info.rank == 1:
-    time.sleep(1.5)
+    time.sleep(1.5 if mode == "late" else 6.0)
+    if mode == "absent":                    # never reaches the meeting
+        open(out + "/rank1.json", "w").write(json.dumps(row))
+        os._exit(0)
 t0 = time.monotonic()
-shutdown_distributed()
-waited = time.monotonic() - t0
-with open(sys.argv[1] + f"/rank{info.rank}.json", "w") as f:
-    json.dump({"waited": waited, "sum": x.tolist(), "initialized": dist.is_initialized()}, f)
+try:
+    shutdown_distributed(timeout_s=2.0 if mode == "absent" else None)
+except Exception as err:
+    row["error"] = type(err).__name__
+row.update(waited=time.monotonic() - t0, initialized=dist.is_initialized())
+open(out + f"/rank{info.rank}.json", "w").write(json.dumps(row))
+if mode == "absent":
+    os._exit(0)
 """
 
 
-def test_shutdown_waits_for_every_rank_and_destroys_the_group(tmp_path):
-    """Rank 1 reaches the shutdown 1.5 s late: rank 0 waits for it (the meeting is real), and
-    both leave with the group destroyed and exit 0."""
+def _shutdown_ranks(tmp_path, mode):
     script = tmp_path / "shutdown.py"
     script.write_text(_SHUTDOWN_SCRIPT)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([*torchrun, str(script), str(tmp_path)], env=env, capture_output=True,
+    proc = subprocess.run([*torchrun, str(script), str(tmp_path), mode], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_shutdown_waits_for_every_rank_and_destroys_the_group(tmp_path):
+    """Rank 1 reaches the shutdown 1.5 s late: rank 0 waits for it (the meeting is real), and
+    both leave with the group destroyed and exit 0."""
+    rows = _shutdown_ranks(tmp_path, "late")
     for r in rows:
-        assert r["sum"] == [3.0, 3.0, 3.0] and not r["initialized"]
+        assert r["sum"] == [3.0, 3.0, 3.0] and not r["initialized"] and "error" not in r
     assert rows[0]["waited"] > 1.0            # rank 0 waited for the late rank
+
+
+def test_shutdown_gives_up_on_a_missing_rank_after_its_timeout(tmp_path):
+    """Rank 1 never reaches the shutdown: rank 0 raises after its 2 s timeout, not the group's
+    30 minutes, with its group torn down all the same."""
+    rows = _shutdown_ranks(tmp_path, "absent")
+    assert rows[0]["error"] and 1.5 < rows[0]["waited"] < 5.5 and not rows[0]["initialized"]

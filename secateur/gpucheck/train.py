@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException:
             destroy_process_group()
             raise
-        shutdown_distributed()
+        shutdown_distributed(cfg.train.collective_timeout_s)
         import deepspeed
 
         result["deepspeed"] = deepspeed.__version__

@@ -96,21 +96,25 @@ def init_distributed(local_rank: int | None = None, timeout_s: float | None = No
 _SHUTDOWNS = [0]     # shutdowns in this process: every rank counts the same, so keys match
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(timeout_s: float | None = None) -> None:
     """Every entry point that ends normally ends here: the ranks meet, then the process group is
-    destroyed. They meet through the rendezvous store, not a gloo barrier: a gloo context torn
+    destroyed. `timeout_s`: how long a rank waits for the others (a run passes
+    train.collective_timeout_s; None: the store's own timeout, the group's at creation). They meet through the rendezvous store, not a gloo barrier: a gloo context torn
     down right after a barrier can fail a peer whose last messages are still in flight (the peer
     aborts, SIGABRT; pytorch/gloo issue 155). Once every rank has reached the store, every
     collective has completed on every rank, so no gloo traffic is left to lose."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_world_size() > 1:
-        _store_barrier()
-    destroy_process_group()
+    try:
+        if dist.get_world_size() > 1:
+            _store_barrier(timeout_s)
+    finally:                              # torn down even when a rank never came
+        destroy_process_group()
 
 
-def _store_barrier() -> None:
-    """Wait until every rank has called this (the store's timeout, i.e. the group's, applies)."""
+def _store_barrier(timeout_s: float | None) -> None:
+    """Wait until every rank has called this; a rank missing after `timeout_s` seconds (None: the
+    store's timeout) raises torch's DistStoreError."""
     _SHUTDOWNS[0] += 1
     get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
     if get_store is None:                 # a torch without it: the plain barrier
@@ -119,7 +123,12 @@ def _store_barrier() -> None:
     store, key = get_store(), f"secateur/shutdown/{_SHUTDOWNS[0]}"
     if store.add(f"{key}/arrived", 1) == dist.get_world_size():
         store.set(f"{key}/go", "1")
-    store.wait([f"{key}/go"])
+    if timeout_s is None:
+        store.wait([f"{key}/go"])
+    else:
+        from datetime import timedelta
+
+        store.wait([f"{key}/go"], timedelta(seconds=timeout_s))
 
 
 def destroy_process_group() -> None:
