@@ -69,7 +69,7 @@ bench-transformers: install data warm
 	$(BIN)/python benchmarks/minilm_generic.py
 
 # The LLaMA-on-KJV comparison (every variant on seeds 0, 1 and 2: 54 runs, about 3 hours on 2
-# cores), then fold vs L2 on its dense seed-0 model (about 20 min).
+# cores), then fold vs L2 on its dense seed-0 model (about 10 min).
 bench-llama: install data warm
 	BENCH_THREADS=1 $(BIN)/python benchmarks/llama_kjv.py --steps 300 --seeds 0 1 2 --jobs 2
 	$(BIN)/python benchmarks/llama_fold_sweep.py --methods fold l2 fold-none
