@@ -191,14 +191,16 @@ def test_narrowing_few_wide_rows_changes_no_label():
 
 
 def test_fold_ar_gain_matches_the_pairwise_cosine_definition():
-    """Against the definition: rho_c the mean cosine over ordered pairs i != j in the cluster."""
+    """Against the definition: rho_c the mean cosine over ordered pairs i != j in the cluster (an
+    all-zero row has cosine 0 with every other row)."""
     g = torch.Generator().manual_seed(5)
     rows = torch.randn(30, 7, generator=g, dtype=torch.float64)
+    rows[3] = 0.0                                          # a dead unit in cluster 0
     labels = torch.tensor([0] * 6 + [1] + [2] * 10 + [3] * 2 + [4] * 11)
     got = fold_ar_gain(rows, labels)
     for c in range(5):
         m = rows[labels == c]
-        m = m / m.norm(dim=1, keepdim=True)
+        m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-30)
         nc = m.shape[0]
         if nc == 1:
             assert float(got[c]) == 1.0

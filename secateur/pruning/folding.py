@@ -194,14 +194,16 @@ def fold_ar_gain(rows: Tensor, labels: Tensor) -> Tensor:
     """Fold-AR variance gain per cluster (k,): sqrt(n_c / (1 + (n_c - 1) rho_c)) with rho_c the
     mean pairwise cosine similarity of the members' rows; the mean of n_c unit-variance signals
     with correlation rho has variance (1 + (n_c - 1) rho) / n_c. Singletons get 1. The pairwise
-    sum comes from the cluster's sum s_c of unit rows: sum_{i != j} cos_ij = ||s_c||^2 - n_c."""
+    sum comes from the cluster's sum s_c of normalised rows u_i: sum_{i != j} cos_ij =
+    ||s_c||^2 - sum_i ||u_i||^2 (each term 1, or 0 for an all-zero row)."""
     r = rows.detach().reshape(rows.shape[0], -1).double()
     r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)
     labels = labels.to(torch.long)
     k = int(labels.max()) + 1
     nc = torch.bincount(labels, minlength=k).double()
     sums = torch.zeros(k, r.shape[1], dtype=torch.float64).index_add_(0, labels, r)
-    rho = (sums.square().sum(1) - nc) / (nc * (nc - 1)).clamp_min(1)
+    own = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, r.square().sum(1))
+    rho = (sums.square().sum(1) - own) / (nc * (nc - 1)).clamp_min(1)
     gain = torch.sqrt(nc / (1.0 + (nc - 1) * rho).clamp_min(1e-12))
     return torch.where(nc < 2, torch.ones_like(gain), gain)
 
