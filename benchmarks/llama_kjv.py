@@ -42,6 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "llama_kjv.yaml"
 CRITERIA = ("activation", "l2", "projective", "fold")
+# variants built from another variant's finished run: the run each one needs
+DEPENDENT = {"small-dense-50": "pwt-activation-50", "end-tp-50": "dense", "end-tp-30": "dense"}
 
 
 def variants(steps: int) -> dict[str, dict]:
@@ -178,7 +180,7 @@ def write_results(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    order = [*variants(300), "small-dense-50", "end-tp-50", "end-tp-30"]   # the table's row order
+    order = [*variants(300), *DEPENDENT]                      # the table's row order
     by: dict[str, list[dict]] = {}
     for r in sorted(results, key=lambda r: (order.index(r["variant"]) if r["variant"] in order
                                             else len(order), r["seed"])):
@@ -245,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         from secateur.data.writers import write_kjv
         write_kjv(str(data))
     table = variants(args.steps)
-    dependent = {"small-dense-50": "pwt-activation-50", "end-tp-50": "dense", "end-tp-30": "dense"}
-    names = args.variants or [*table, *dependent]
+    names = args.variants or [*table, *DEPENDENT]
 
     def one(name: str, seed: int) -> dict:
         try:
@@ -266,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
 
     core = ["dense", "pwt-activation-50", "end-oneshot-50", "small-dense-50", "end-tp-50"]
     plan = [(n, s) for s in args.seeds for n in names] + [(n, s) for s in args.core_seeds for n in core]
-    first = [(n, s) for n, s in plan if n not in dependent]
+    first = [(n, s) for n, s in plan if n not in DEPENDENT]
     # a dependent variant needs its source run; train the source first when it is missing
-    first += [(dependent[n], s) for n, s in plan if n in dependent
-              and (dependent[n], s) not in first and not (runs / f"{dependent[n]}-s{s}" / "summary.json").is_file()]
-    second = [(n, s) for n, s in plan if n in dependent]
+    first += [(DEPENDENT[n], s) for n, s in plan if n in DEPENDENT
+              and (DEPENDENT[n], s) not in first and not (runs / f"{DEPENDENT[n]}-s{s}" / "summary.json").is_file()]
+    second = [(n, s) for n, s in plan if n in DEPENDENT]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda t: one(*t), first))
         results += list(pool.map(lambda t: one(*t), second))

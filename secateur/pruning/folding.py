@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 
-def check_kmeans_args(n_init: int, max_iter: int, max_dim: int | None) -> None:
+def _check_kmeans_args(n_init: int, max_iter: int, max_dim: int | None) -> None:
     """ValueError unless n_init >= 1, max_iter >= 1 and max_dim is None or >= 1."""
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
@@ -47,7 +47,7 @@ def cluster_units(features: Tensor, k: int, seed: int = 42, *, n_init: int = 1, 
     n = features.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    check_kmeans_args(n_init, max_iter, max_dim)
+    _check_kmeans_args(n_init, max_iter, max_dim)
     if k == n:
         return torch.arange(n)
     if k == 1:
