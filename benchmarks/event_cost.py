@@ -154,10 +154,10 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def _dates(res: dict[str, Any]) -> str:
-    """The days the runs in `res` were measured on ("2026-12-01" or "2026-12-01, 2026-12-08")."""
-    runs = [r for rs in res.get("secateur", {}).values() for r in rs] + res.get("torch_pruning", {}).get("runs", [])
-    return ", ".join(sorted({r.get("date", res.get("date", "?")) for r in runs}))
+def _dates(runs: list[dict[str, Any]], default: str) -> str:
+    """The days `runs` were measured on ("2026-12-01" or "2026-12-01, 2026-12-08"); a run without
+    its own date counts as `default`."""
+    return ", ".join(sorted({r.get("date", default) for r in runs}))
 
 
 def write_results(res: dict[str, Any], out: Path) -> None:
@@ -171,7 +171,7 @@ def write_results(res: dict[str, Any], out: Path) -> None:
         "",
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; torch {res['torch']}, transformers {res['transformers']}, "
-        f"Torch-Pruning {res['torch_pruning_version']}; dates {_dates(res)}  ",
+        f"Torch-Pruning {res['torch_pruning_version']}; dates {_dates([r for rs in res['secateur'].values() for r in rs] + tp['runs'], res['date'])}  ",
         f"Model: LlamaForCausalLM {res['model']} ({res['params']:,} parameters, random weights); "
         f"keep {res['keep']:.0%} of the KV head groups and MLP neurons of every layer; "
         f"batch {BATCH} x {SEQ} tokens; medians over the n repetitions (every one in the JSON).",
@@ -184,7 +184,7 @@ def write_results(res: dict[str, Any], out: Path) -> None:
         lines.append(f"| {crit} | {len(runs)} | {_median(runs, 'trace_s'):.2f} | {_median(runs, 'prune_s'):.2f} | "
                      f"{_median(runs, 'rebuild_s'):.2f} | {tp_build:.2f} | {tp_step:.2f} | "
                      f"{runs[0]['params_before']:,} | {runs[0]['params_after']:,} / "
-                     f"{tp['runs'][0]['params_after']:,} | {_dates({'secateur': {crit: runs}})} |")
+                     f"{tp['runs'][0]['params_after']:,} | {_dates(runs, res['date'])} |")
     lines += ["", "Columns: trace = building the Pruner (tracing the model into unit groups and trying "
               "each group's cut on a copy, the default); event = `pruner.prune` inside the engine "
               "rebuild (importance, decision, cut of the weights and the AdamW moments); engine "
